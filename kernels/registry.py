@@ -1,0 +1,86 @@
+"""The (op, backend) -> function registry and the dispatch rule.
+
+Backends: ``"ref"`` (NumPy reference), ``"cpu"`` (Numba), ``"gpu"`` (numba.cuda / CuPy).
+The array type picks the backend: a CuPy array -> "gpu", anything else -> "cpu". The environment
+variable ``TINYLM_KERNELS=ref`` forces the NumPy references (for study and bisecting); it is read
+at each call, so tests can flip it with ``monkeypatch.setenv``.
+
+Families register lazily: ``get("layernorm_fwd", x)`` imports ``kernels.layernorm`` the first
+time an op of that family is asked for, so ``import kernels`` costs nothing.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+_REGISTRY: dict[tuple[str, str], Callable] = {}
+
+# op name -> module that registers it. The op's family is the module.
+_FAMILY = {
+    "layernorm_fwd": "kernels.layernorm", "layernorm_bwd": "kernels.layernorm",
+    "gelu_fwd": "kernels.gelu", "gelu_bwd": "kernels.gelu",
+    "cross_entropy_fwd": "kernels.cross_entropy", "cross_entropy_bwd": "kernels.cross_entropy",
+    "attention_fwd": "kernels.attention", "attention_bwd": "kernels.attention",
+    "embedding_fwd": "kernels.embedding", "embedding_bwd": "kernels.embedding",
+    "adamw_update": "kernels.adamw",
+    "sumsq": "kernels.gradnorm",
+    "matmul": "kernels.matmul",
+}
+
+BACKENDS = ("ref", "cpu", "gpu")
+
+
+def register(op: str, backend: str):
+    """Decorator: ``@register("gelu_fwd", "cpu")`` makes the function the cpu variant of gelu_fwd."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        _REGISTRY[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def backend_of(*arrays) -> str:
+    """"gpu" if any argument is a CuPy array, else "cpu"."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            return "gpu"
+    return "cpu"
+
+
+def _load(op: str) -> None:
+    mod = _FAMILY.get(op)
+    if mod is None:
+        raise KeyError(f"unknown kernel op {op!r}; known ops: {sorted(_FAMILY)}")
+    importlib.import_module(mod)
+
+
+def available(op: str) -> list[str]:
+    """Backends that have a registered variant of ``op`` (loads its family)."""
+    _load(op)
+    return [b for b in BACKENDS if (op, b) in _REGISTRY]
+
+
+def get(op: str, *arrays, backend: str | None = None) -> Callable:
+    """The function computing ``op`` for these arrays.
+
+    ``backend`` overrides the choice; otherwise ``TINYLM_KERNELS=ref`` forces the reference, and
+    the array type picks "gpu" or "cpu". A cpu op with no Numba variant falls back to "ref".
+    """
+    if (op, "ref") not in _REGISTRY:
+        _load(op)
+    if backend is None:
+        forced = os.environ.get("TINYLM_KERNELS", "").strip().lower()
+        if forced not in ("", "ref", "auto"):
+            raise ValueError(f"TINYLM_KERNELS={forced!r}: expected 'ref' or unset")
+        kind = backend_of(*arrays)
+        backend = "ref" if forced == "ref" else kind
+    fn = _REGISTRY.get((op, backend))
+    if fn is None and backend == "cpu":
+        fn = _REGISTRY.get((op, "ref"))
+    if fn is None:
+        raise NotImplementedError(f"kernel {op!r} has no {backend!r} variant")
+    return fn

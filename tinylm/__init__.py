@@ -1,0 +1,16 @@
+"""tinylm: a language-model stack from first principles.
+
+Start reading at ``tinylm/tensor.py`` (the engine), then ``tinylm/ops.py`` (primitive ops),
+``tinylm/functional.py`` (fused LLM ops) and ``kernels/`` (how they are computed).
+"""
+from tinylm._version import __version__
+from tinylm import functional
+from tinylm.gradcheck import GradcheckError, gradcheck
+from tinylm.tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
+
+F = functional
+
+__all__ = [
+    "__version__", "Function", "F", "GradcheckError", "Tensor", "functional", "gradcheck",
+    "is_grad_enabled", "no_grad", "tensor",
+]

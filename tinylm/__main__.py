@@ -1,0 +1,3 @@
+from tinylm.cli import main
+import sys
+sys.exit(main())

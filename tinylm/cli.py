@@ -1,0 +1,61 @@
+"""The ``tinylm`` command.
+
+Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``; that
+function must import nothing heavy (no numba, no numpy-heavy work) so ``tinylm --help`` stays
+instant. The heavy imports happen inside the handler it installs with ``set_defaults(func=...)``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tinylm._version import __version__
+
+# subcommand modules, in the order ``--help`` lists them; a module that is missing (a feature
+# not built yet) is left out of the command rather than breaking it.
+SUBCOMMANDS = (
+    "tinylm.data.cli",        # tinylm prepare
+    "tinylm.tokenizer.cli",   # tinylm tokenizer train/encode/decode
+    "tinylm.train_cli",       # tinylm train, tinylm sample
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinylm",
+        description="A language-model stack from first principles: tokenizer, GPT, training, sampling.",
+    )
+    parser.add_argument("--version", action="version", version=f"tinylm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that feature is not part of this build
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as e:
+        # user errors (bad file, bad flag value): one clear line, no traceback
+        print(f"tinylm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

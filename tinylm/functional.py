@@ -1,0 +1,262 @@
+"""The fused LLM ops (import as ``F``): one Function each, hand-written backward.
+
+Each forward computes through ``kernels`` (NumPy reference, Numba on the CPU, numba.cuda/CuPy on
+the GPU: the array type picks, ``TINYLM_KERNELS=ref`` forces the reference); the derivative
+math lives here, once, whatever the backend. ``docs/gradients.md`` derives the backward of
+layer_norm, softmax + cross-entropy and attention in the notation used below.
+
+Shape legend: B batch, T time, C channels, V vocabulary, NH heads, hs head size, N rows (B*T).
+
+Each fused op is tested against the same math composed from the primitives in ``tinylm.ops``
+(tests/test_functional.py), and its gradient against finite differences (``tinylm.gradcheck``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import kernels
+from tinylm.backend import is_gpu_array, to_device, xp_of
+from tinylm.tensor import Function, Tensor
+
+
+def _k(op, *arrays):
+    return kernels.get(op, *arrays)
+
+
+def _contig(xp, a):
+    return xp.ascontiguousarray(a)
+
+
+def _as_tensor(x) -> Tensor:
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+# ---- linear ---------------------------------------------------------------------------------
+class Linear(Function):
+    def forward(self, x, w, b=None):  # (..., C_in), (C_in, C_out), (C_out,) -> (..., C_out)
+        self.x, self.w, self.has_bias = x, w, b is not None
+        out = x @ w
+        if b is not None:
+            out += b
+        return out
+
+    def backward(self, dout):  # (..., C_out)
+        xp = xp_of(dout)
+        c_in, c_out = self.w.shape
+        x2 = self.x.reshape(-1, c_in)
+        d2 = dout.reshape(-1, c_out)
+        # out = x @ w + b
+        dx = (d2 @ self.w.T).reshape(self.x.shape) if self.needs_grad[0] else None  # d/dx = dout w^T
+        dw = x2.T @ d2 if self.needs_grad[1] else None  # d/dw = x^T dout, summed over rows
+        if not self.has_bias:
+            return dx, dw
+        db = d2.sum(axis=0) if self.needs_grad[2] else None  # d/db = sum of dout over rows
+        return dx, dw, (db if db is None else xp.asarray(db))
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x @ w + b`` with ``w`` of shape (C_in, C_out), GPT-2's checkpoint layout."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"linear: x {x.shape} and w {w.shape} do not fit: need w of shape ({x.shape[-1]}, C_out)")
+    if b is None:
+        return Linear.apply(x, w)
+    if b.shape != (w.shape[1],):
+        raise ValueError(f"linear: bias has shape {b.shape}, expected ({w.shape[1]},)")
+    return Linear.apply(x, w, b)
+
+
+# ---- layer norm -----------------------------------------------------------------------------
+class LayerNorm(Function):
+    def forward(self, x, w, b, eps):  # (..., C), (C,), (C,) -> (..., C)
+        xp = xp_of(x)
+        self.in_shape = x.shape
+        x2 = _contig(xp, x.reshape(-1, x.shape[-1]))
+        out, self.mean, self.rstd = _k("layernorm_fwd", x2)(x2, w, b, float(eps))
+        self.x2, self.w = x2, w
+        return out.reshape(self.in_shape)
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        d2 = _contig(xp, dout.reshape(self.x2.shape))
+        dx, dw, db = _k("layernorm_bwd", d2)(d2, self.x2, self.w, self.mean, self.rstd)
+        return dx.reshape(self.in_shape), dw, db
+
+
+def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
+    """Normalise over the last axis: (x - mean) / sqrt(var + eps) * w + b (biased variance)."""
+    c = x.shape[-1]
+    if w.shape != (c,) or b.shape != (c,):
+        raise ValueError(f"layer_norm: w {w.shape} and b {b.shape} must both be ({c},) for x {x.shape}")
+    return LayerNorm.apply(x, w, b, eps=eps)
+
+
+# ---- GELU -----------------------------------------------------------------------------------
+class GELU(Function):
+    def forward(self, x):
+        xp = xp_of(x)
+        self.x = _contig(xp, x)
+        return _k("gelu_fwd", x)(self.x)
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        return (_k("gelu_bwd", dout)(_contig(xp, dout), self.x),)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return GELU.apply(x)
+
+
+# ---- softmax, log-softmax -------------------------------------------------------------------
+class Softmax(Function):
+    def forward(self, x, axis):
+        xp = xp_of(x)
+        self.axis = axis
+        e = xp.exp(x - x.max(axis=axis, keepdims=True))  # subtract the max: no overflow
+        self.out = e / e.sum(axis=axis, keepdims=True)
+        return self.out
+
+    def backward(self, dout):
+        # y = softmax(x): dy_i/dx_j = y_i (delta_ij - y_j)  ->  dx = y * (dout - sum(dout * y))
+        y = self.out
+        return (y * (dout - (dout * y).sum(axis=self.axis, keepdims=True)),)
+
+
+class LogSoftmax(Function):
+    def forward(self, x, axis):
+        xp = xp_of(x)
+        self.axis = axis
+        m = x.max(axis=axis, keepdims=True)
+        lse = m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
+        self.out = x - lse
+        return self.out
+
+    def backward(self, dout):
+        # y = x - logsumexp(x)  ->  dx = dout - softmax(x) * sum(dout)
+        xp = xp_of(dout)
+        return (dout - xp.exp(self.out) * dout.sum(axis=self.axis, keepdims=True),)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return Softmax.apply(x, axis=axis % x.ndim)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(x, axis=axis % x.ndim)
+
+
+# ---- cross-entropy --------------------------------------------------------------------------
+class CrossEntropy(Function):
+    """Mean over non-ignored rows of -log softmax(logits)[target], fused with the softmax."""
+
+    def forward(self, logits, targets, ignore_index):  # (N, V), (N,) -> ()
+        xp = xp_of(logits)
+        logits = _contig(xp, logits)
+        self.logits, self.targets, self.ignore_index = logits, targets, ignore_index
+        loss_rows, self.lse = _k("cross_entropy_fwd", logits)(logits, targets, ignore_index)
+        # all rows ignored: the loss is 0 with zero gradient (PyTorch gives NaN; a fully masked
+        # SFT batch should not poison training)
+        self.count = max(int((targets != ignore_index).sum()), 1)
+        return xp.asarray(loss_rows.sum() / self.count, dtype=logits.dtype)
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        # loss = sum_n loss_n / count  ->  dloss_n = dout / count (the kernel zeroes ignored rows)
+        dloss_rows = xp.full(self.targets.shape, dout / self.count, dtype=self.logits.dtype)
+        # loss_n = lse_n - logits[n, t_n]  ->  dlogits[n] = dloss_n (softmax(logits[n]) - onehot(t_n))
+        return (_k("cross_entropy_bwd", self.logits)(self.logits, self.targets, self.lse, dloss_rows, self.ignore_index),)
+
+
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of (N, V) logits against (N,) integer targets (any leading shape
+    works: (B, T, V) with (B, T)). Targets equal to ``ignore_index`` are left out of the mean."""
+    xp = xp_of(logits.data)
+    t = targets.data if isinstance(targets, Tensor) else targets
+    t = xp.asarray(t) if is_gpu_array(logits.data) else np.asarray(to_device(t, "cpu") if is_gpu_array(t) else t)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, got dtype {t.dtype}")
+    if logits.shape[:-1] != t.shape:
+        raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, got {t.shape}")
+    V = logits.shape[-1]
+    t = _contig(xp, t.reshape(-1).astype(np.int64, copy=False))
+    bad = (t != ignore_index) & ((t < 0) | (t >= V))
+    if bool(bad.any()):
+        i = int(xp.argmax(bad))
+        raise ValueError(f"cross_entropy: target {int(t[i])} at row {i} is outside [0, {V}) and is not ignore_index={ignore_index}")
+    logits2 = logits if logits.ndim == 2 else logits.reshape(-1, V)
+    return CrossEntropy.apply(logits2, targets=t, ignore_index=int(ignore_index))
+
+
+# ---- embedding ------------------------------------------------------------------------------
+class Embedding(Function):
+    def forward(self, weight, ids):  # (V, C), ids (...) -> (..., C)
+        self.ids, self.V = ids, weight.shape[0]
+        return _k("embedding_fwd", weight)(ids, weight)
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        # out[i] = weight[ids[i]]  ->  dweight[v] = sum of dout[i] over every i with ids[i] == v
+        return (_k("embedding_bwd", dout)(_contig(xp, dout), self.ids, self.V),)
+
+
+def embedding(ids, weight: Tensor) -> Tensor:
+    """Rows of ``weight`` (V, C) picked by integer ``ids`` of any shape -> ids.shape + (C,)."""
+    xp = xp_of(weight.data)
+    i = ids.data if isinstance(ids, Tensor) else ids
+    i = xp.asarray(i) if is_gpu_array(weight.data) else np.asarray(i)
+    if i.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got dtype {i.dtype}")
+    V = weight.shape[0]
+    if i.size and (int(i.min()) < 0 or int(i.max()) >= V):
+        bad = int(i.min()) if int(i.min()) < 0 else int(i.max())
+        raise ValueError(f"embedding: id {bad} is outside the table's [0, {V})")
+    return Embedding.apply(weight, ids=_contig(xp, i.astype(np.int64, copy=False)))
+
+
+# ---- causal self-attention ------------------------------------------------------------------
+class CausalSelfAttention(Function):
+    def forward(self, q, k, v):  # (B, NH, T, hs) x3 -> (B, NH, T, hs)
+        xp = xp_of(q)
+        q, k, v = (_contig(xp, a) for a in (q, k, v))
+        self.out, self.lse = _k("attention_fwd", q)(q, k, v)
+        self.q, self.k, self.v = q, k, v
+        return self.out
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        # out = softmax(q k^T / sqrt(hs) + causal mask) v; the kernel recomputes the
+        # probabilities from lse (docs/gradients.md has the derivation)
+        return _k("attention_bwd", dout)(_contig(xp, dout), self.q, self.k, self.v, self.out, self.lse)
+
+
+def causal_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hs), masked to j <= t) v on (B, NH, T, hs) tensors."""
+    if not (q.shape == k.shape == v.shape) or q.ndim != 4:
+        raise ValueError(f"causal_self_attention: q, k, v must share one (B, NH, T, hs) shape, got {q.shape}, {k.shape}, {v.shape}")
+    return CausalSelfAttention.apply(q, k, v)
+
+
+# ---- dropout --------------------------------------------------------------------------------
+class Dropout(Function):
+    def forward(self, x, mask):
+        self.mask = mask
+        return x * mask
+
+    def backward(self, dout):
+        # out = x * mask, mask = keep / (1 - p)
+        return (dout * self.mask,)
+
+
+def dropout(x: Tensor, p: float, training: bool, rng: np.random.Generator | None = None) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p) (inverted dropout).
+    Identity when not training or p == 0. ``rng`` (a numpy Generator) makes it reproducible."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    rng = rng if rng is not None else np.random.default_rng()
+    keep = rng.random(x.shape) >= p
+    mask = (keep / (1.0 - p)).astype(x.dtype)
+    if is_gpu_array(x.data):
+        mask = to_device(mask, "gpu")
+    return Dropout.apply(x, mask=mask)

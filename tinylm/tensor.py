@@ -1,0 +1,371 @@
+"""Tensor, Function and the reverse-mode engine.
+
+A ``Tensor`` wraps a NumPy (or CuPy) array. Every operation on tensors is a ``Function``
+subclass (see ``tinylm.ops`` and ``tinylm.functional``) whose ``forward`` computes on arrays and
+keeps what its backward needs as named attributes, and whose ``backward`` returns one gradient
+per tensor input. The engine here is the only place that:
+
+- orders the graph (iteratively, so a 10,000-op chain does not hit Python's recursion limit),
+- accumulates gradients when a tensor is used more than once, and into ``.grad`` across calls,
+- sums gradients over broadcast dimensions (so no op has to),
+- checks each gradient's shape against its tensor and names the op when it does not match,
+- frees each op's saved arrays once its backward has run (unless ``retain_graph=True``).
+
+Deliberately left out: double backward (backward is not itself recorded), in-place ops on
+tensors that require grad, and ``.grad`` on non-leaf tensors (as in PyTorch, only leaves keep
+one).
+
+Reference: micrograd's engine (one op's forward and backward side by side), Chainer's Function.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+
+import numpy as np
+
+from tinylm.backend import is_gpu_array, to_device, xp_of
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside ``with no_grad():`` operations record nothing: outputs do not require grad."""
+    global _grad_enabled
+    prev, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = prev
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class Function:
+    """One differentiable op. Subclasses define ``forward(self, *arrays, **settings)`` and
+    ``backward(self, dout)``; positional inputs of ``apply`` are tensors (or things that become
+    constant tensors), keyword arguments are non-differentiable settings."""
+
+    def forward(self, *arrays, **settings):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dout):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs, **settings) -> "Tensor":
+        ref = next((t for t in inputs if isinstance(t, Tensor)), None)
+        tensors = tuple(t if isinstance(t, Tensor) else _constant(t, ref) for t in inputs)
+        ctx = cls()
+        # which inputs need a gradient: backward may skip the others (return None for them)
+        ctx.needs_grad = tuple(t.requires_grad for t in tensors)
+        out = ctx.forward(*(t.data for t in tensors), **settings)
+        requires = _grad_enabled and any(ctx.needs_grad)
+        result = Tensor(out, requires_grad=requires, dtype=out.dtype)
+        if requires:
+            ctx.parents = tensors
+            result._ctx = ctx
+        return result
+
+
+def _constant(value, ref: "Tensor | None") -> "Tensor":
+    """A non-tensor operand (Python number, array) as a tensor that needs no gradient.
+    Python numbers take the other operand's dtype, so ``x * 2`` stays float32."""
+    if ref is not None and isinstance(value, numbers.Number) and not isinstance(value, bool):
+        xp = xp_of(ref.data)
+        return Tensor(xp.asarray(value, dtype=ref.dtype))
+    if ref is not None and is_gpu_array(ref.data) and not is_gpu_array(value):
+        value = to_device(np.asarray(value), "gpu")
+    return Tensor(value)
+
+
+def _default_dtype(data):
+    """float32 for Python floats and float lists; keep a given array's dtype (float64 stays
+    float64 for gradient checks); int64 for Python ints; bool stays bool."""
+    if isinstance(data, np.ndarray) or is_gpu_array(data):
+        return data.dtype
+    if isinstance(data, np.generic):
+        return data.dtype
+    arr = np.asarray(data)
+    if arr.dtype.kind == "f":
+        return np.float32
+    if arr.dtype.kind in "iu":
+        return np.int64
+    return arr.dtype
+
+
+class Tensor:
+    """An n-dimensional array that remembers how it was computed.
+
+    >>> a = tensor([1.0, 2.0], requires_grad=True)
+    >>> ((a * a).sum()).backward()
+    >>> a.grad
+    array([2., 4.], dtype=float32)
+    """
+
+    __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if dtype is None:
+            dtype = _default_dtype(data)
+        if is_gpu_array(data):
+            data = data.astype(dtype, copy=False)
+        else:
+            data = np.asarray(data, dtype=dtype)
+        if requires_grad and data.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require grad, got dtype {data.dtype}")
+        self.data = data
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+        self._ctx: Function | None = None
+        self._freed = False  # set once backward has released this tensor's graph
+
+    # ---- basic properties -------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    device = property(lambda self: "gpu" if is_gpu_array(self.data) else "cpu")
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = ", device='gpu'" if self.device == "gpu" else ""
+        return f"Tensor({np.array2string(to_device(self.data, 'cpu'), precision=4)}, dtype={self.dtype}{dev}{grad})"
+
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied from the GPU if needed)."""
+        return to_device(self.data, "cpu")
+
+    def item(self) -> float:
+        return self.numpy().item()
+
+    def detach(self) -> "Tensor":
+        return Tensor(self.data)
+
+    def to(self, device: str) -> "Tensor":
+        """A copy on "cpu" or "gpu" (CuPy); the result is a new leaf."""
+        return Tensor(to_device(self.data, device), requires_grad=self.requires_grad)
+
+    def astype(self, dtype) -> "Tensor":
+        from tinylm import ops
+
+        return ops.Cast.apply(self, dtype=np.dtype(dtype))
+
+    # ---- the engine -------------------------------------------------------------------------
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``.
+
+        ``grad`` defaults to 1 for a single-element tensor. The graph is freed as it is walked
+        (saved arrays released) unless ``retain_graph=True``.
+        """
+        if self._freed:
+            raise RuntimeError(
+                "backward through a graph that was already freed: pass retain_graph=True to the "
+                "first backward() to call it twice on the same graph"
+            )
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad (built under no_grad, or from constants)")
+        xp = xp_of(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a single-element tensor, got shape {self.shape}")
+            grad = xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(grad): grad has shape {grad.shape}, tensor has shape {self.shape}")
+
+        grads = {id(self): grad}
+        for node in reversed(_topological_order(self)):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue  # no path from the output reached this node's requires-grad inputs
+            ctx = node._ctx
+            if ctx is None:  # a leaf
+                node.grad = g.copy() if node.grad is None else node.grad + g
+                continue
+            in_grads = ctx.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            op = type(ctx).__name__
+            if len(in_grads) != len(ctx.parents):
+                raise RuntimeError(f"{op}.backward returned {len(in_grads)} gradients for {len(ctx.parents)} inputs")
+            for i, (parent, pg) in enumerate(zip(ctx.parents, in_grads)):
+                if pg is None or not parent.requires_grad:
+                    continue
+                pg = _reduce_to_shape(pg, parent.shape, op, i)
+                if pg.dtype != parent.dtype:
+                    pg = pg.astype(parent.dtype)
+                key = id(parent)
+                grads[key] = pg if key not in grads else grads[key] + pg
+            if not retain_graph:
+                node._ctx = None
+                node._freed = True
+                ctx.__dict__.clear()  # release the saved activations now, not at the end
+
+    # ---- operators (all defined in tinylm.ops; imported late to avoid a cycle) -----------
+    def __add__(self, other):
+        return _ops().Add.apply(self, other)
+
+    def __radd__(self, other):
+        return _ops().Add.apply(other, self)
+
+    def __sub__(self, other):
+        return _ops().Sub.apply(self, other)
+
+    def __rsub__(self, other):
+        return _ops().Sub.apply(other, self)
+
+    def __mul__(self, other):
+        return _ops().Mul.apply(self, other)
+
+    def __rmul__(self, other):
+        return _ops().Mul.apply(other, self)
+
+    def __truediv__(self, other):
+        return _ops().Div.apply(self, other)
+
+    def __rtruediv__(self, other):
+        return _ops().Div.apply(other, self)
+
+    def __neg__(self):
+        return _ops().Neg.apply(self)
+
+    def __pow__(self, exponent):
+        return _ops().pow(self, exponent)
+
+    def __rpow__(self, base):
+        return _ops().rpow(base, self)
+
+    def __matmul__(self, other):
+        return _ops().MatMul.apply(self, other)
+
+    def __rmatmul__(self, other):
+        return _ops().MatMul.apply(other, self)
+
+    def __getitem__(self, index):
+        return _ops().index(self, index)
+
+    def sum(self, axis=None, keepdims=False):
+        return _ops().Sum.apply(self, axis=_norm_axis(axis, self.ndim), keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        axes = _norm_axis(axis, self.ndim)
+        n = int(np.prod([self.shape[a] for a in axes])) if axes else 1
+        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / n)
+
+    def max(self, axis=None, keepdims=False):
+        return _ops().Max.apply(self, axis=_norm_axis(axis, self.ndim), keepdims=keepdims)
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return _ops().Reshape.apply(self, shape=shape)
+
+    def transpose(self, *axes):
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        if not axes:
+            axes = tuple(reversed(range(self.ndim)))
+        return _ops().Transpose.apply(self, axes=tuple(a % self.ndim for a in axes))
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def exp(self):
+        return _ops().Exp.apply(self)
+
+    def log(self):
+        return _ops().Log.apply(self)
+
+    def tanh(self):
+        return _ops().Tanh.apply(self)
+
+
+def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
+    """Build a Tensor. Python floats become float32, ints int64; arrays keep their dtype
+    unless ``dtype`` is given."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+
+
+def _ops():
+    from tinylm import ops  # noqa: PLC0415 (ops imports this module)
+
+    return ops
+
+
+def _norm_axis(axis, ndim: int) -> tuple[int, ...]:
+    """None -> all axes; int or tuple -> a sorted tuple of non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, int):
+        axis = (axis,)
+    out = []
+    for a in axis:
+        if not -ndim <= a < max(ndim, 1):
+            raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(a % max(ndim, 1))
+    return tuple(sorted(set(out)))
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Every tensor that requires grad and leads to ``root``, inputs before outputs.
+
+    Iterative depth-first post-order: each node is emitted after all of its inputs. An explicit
+    stack instead of recursion, so a chain of any depth works.
+    """
+    order: list[Tensor] = []
+    seen: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            for parent in node._ctx.parents:
+                if parent.requires_grad and id(parent) not in seen:
+                    if parent._freed:
+                        raise RuntimeError("backward through a graph that was already freed: use retain_graph=True")
+                    stack.append((parent, False))
+    return order
+
+
+def _reduce_to_shape(g, shape: tuple, op: str, i: int):
+    """Sum a gradient over the dimensions its input was broadcast along.
+
+    forward broadcast a (3, 1) input to (2, 3, 4), so its gradient arrives as (2, 3, 4): sum the
+    leading axis away and axis 2 with keepdims -> (3, 1). Any other mismatch is a bug in the
+    op's backward, reported with the op's name.
+    """
+    if g.shape == tuple(shape):
+        return g
+    try:
+        ok = np.broadcast_shapes(tuple(shape), g.shape) == g.shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{op}.backward returned a gradient of shape {g.shape} for input {i}, "
+            f"which has shape {tuple(shape)}"
+        )
+    lead = g.ndim - len(shape)
+    if lead:
+        g = g.sum(axis=tuple(range(lead)))
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and g.shape[a] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g
