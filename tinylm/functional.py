@@ -260,3 +260,43 @@ def dropout(x: Tensor, p: float, training: bool, rng: np.random.Generator | None
     if is_gpu_array(x.data):
         mask = to_device(mask, "gpu")
     return Dropout.apply(x, mask=mask)
+
+
+# ---- attention on a fused qkv projection ----------------------------------------------------
+class AttentionQKV(Function):
+    """Split (B, T, 3C) into heads, causal attention, merge heads back to (B, T, C), as one op.
+
+    The same math as ``q, k, v = split(qkv); causal_self_attention(q, k, v)`` with transposes,
+    without three gather-backwards each writing a full (B, T, 3C) array of zeros.
+    """
+
+    def forward(self, qkv, n_head):  # (B, T, 3C) -> (B, T, C)
+        xp = xp_of(qkv)
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        self.n_head = n_head
+        # (B, T, 3, NH, hs) -> (3, B, NH, T, hs)
+        heads = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)
+        q, k, v = (_contig(xp, heads[i]) for i in range(3))
+        out, self.lse = _k("attention_fwd", q)(q, k, v)
+        self.q, self.k, self.v, self.out = q, k, v, out
+        return _contig(xp, out.transpose(0, 2, 1, 3)).reshape(B, T, C)  # (B, NH, T, hs) -> (B, T, C)
+
+    def backward(self, dout):  # (B, T, C)
+        xp = xp_of(dout)
+        B, T, C = dout.shape
+        hs = C // self.n_head
+        # out = merge(y): undo the merge, then the attention backward, then the split
+        dy = _contig(xp, dout.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3))
+        dq, dk, dv = _k("attention_bwd", dy)(dy, self.q, self.k, self.v, self.out, self.lse)
+        dqkv = xp.empty((B, T, 3, self.n_head, hs), dtype=dout.dtype)
+        for i, d in enumerate((dq, dk, dv)):
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        return (dqkv.reshape(B, T, 3 * C),)
+
+
+def attention_qkv(qkv: Tensor, n_head: int) -> Tensor:
+    """Causal self-attention from a fused projection: qkv (B, T, 3C) -> (B, T, C)."""
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
+        raise ValueError(f"attention_qkv: qkv {qkv.shape} must be (B, T, 3C) with C divisible by n_head={n_head}")
+    return AttentionQKV.apply(qkv, n_head=int(n_head))

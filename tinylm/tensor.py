@@ -189,8 +189,12 @@ class Tensor:
             if g is None:
                 continue  # no path from the output reached this node's requires-grad inputs
             ctx = node._ctx
-            if ctx is None:  # a leaf
-                node.grad = g.copy() if node.grad is None else node.grad + g
+            if ctx is None:  # a leaf: accumulate in place, so an optimizer's flat gradient
+                # buffer (whose views the parameters' .grad are) receives it with no copy
+                if node.grad is None:
+                    node.grad = g.copy()
+                else:
+                    node.grad += g
                 continue
             in_grads = ctx.backward(g)
             if not isinstance(in_grads, tuple):

@@ -1,0 +1,90 @@
+"""Configuration: dataclasses with commented defaults, TOML files, ``key=value`` overrides.
+
+nanoGPT's configurator ``exec``s files into globals and calls itself "a terrible idea"; this
+keeps its good parts (an override must name a known key and fit the default's type) and drops
+the exec: TOML is parsed by ``tomllib`` and values are checked field by field.
+
+>>> from dataclasses import dataclass
+>>> @dataclass
+... class C:
+...     lr: float = 1e-3
+...     steps: int = 10
+>>> apply_overrides(C(), ["lr=3e-4", "steps=20"])
+C(lr=0.0003, steps=20)
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+
+def _coerce(name: str, value: Any, default: Any, field_type: str, where: str):
+    """Check (and, for strings from the command line, convert) a value against a field."""
+    t = field_type.replace(" ", "")
+    optional = t.endswith("|None") or t.startswith("None|")
+    base = t.replace("|None", "").replace("None|", "")
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if optional:
+            return None
+        raise ValueError(f"{where}: {name} cannot be None")
+    if isinstance(value, str) and base != "str":
+        s = value.strip()
+        try:
+            if base == "bool":
+                if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return s.lower() in ("true", "1", "yes")
+            if base == "int":
+                return int(s)
+            if base == "float":
+                return float(s)
+            if base.startswith(("list", "tuple")):
+                return [x for x in s.split(",") if x]
+        except ValueError:
+            raise ValueError(f"{where}: {name}={value!r} is not a valid {base}") from None
+    ok = {
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+    }.get(base, lambda v: isinstance(v, (list, tuple)) if base.startswith(("list", "tuple")) else True)
+    if not ok(value):
+        raise ValueError(f"{where}: {name} must be {base}, got {type(value).__name__} {value!r}")
+    return float(value) if base == "float" else value
+
+
+def apply_dict(cfg, values: dict, where: str = "config"):
+    """A copy of dataclass ``cfg`` with ``values`` applied; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(fields))}")
+        f = fields[key]
+        changes[key] = _coerce(key, value, getattr(cfg, key), str(f.type), where)
+    return dataclasses.replace(cfg, **changes)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply ``key=value`` strings (from the command line) to a dataclass."""
+    values = {}
+    for item in overrides:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value")
+        values[key.replace("-", "_")] = value
+    return apply_dict(cfg, values, where="override")
+
+
+def load_toml(cfg, path: str | Path):
+    """Apply a TOML file's top-level keys to a dataclass."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    return apply_dict(cfg, data, where=str(path))
