@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _coerce(name: str, value: Any, default: Any, field_type: str, where: str):
+def _coerce(name: str, value: Any, field_type: str, where: str, from_text: bool):
     """Check (and, for strings from the command line, convert) a value against a field."""
     t = field_type.replace(" ", "")
     optional = t.endswith("|None") or t.startswith("None|")
@@ -29,7 +29,7 @@ def _coerce(name: str, value: Any, default: Any, field_type: str, where: str):
         if optional:
             return None
         raise ValueError(f"{where}: {name} cannot be None")
-    if isinstance(value, str) and base != "str":
+    if from_text and isinstance(value, str) and base != "str":
         s = value.strip()
         try:
             if base == "bool":
@@ -55,15 +55,16 @@ def _coerce(name: str, value: Any, default: Any, field_type: str, where: str):
     return float(value) if base == "float" else value
 
 
-def apply_dict(cfg, values: dict, where: str = "config"):
-    """A copy of dataclass ``cfg`` with ``values`` applied; unknown keys are an error."""
+def apply_dict(cfg, values: dict, where: str = "config", from_text: bool = False):
+    """A copy of dataclass ``cfg`` with ``values`` applied; unknown keys are an error.
+    ``from_text``: values are command-line strings, converted to each field's type."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for key, value in values.items():
         if key not in fields:
             raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(fields))}")
         f = fields[key]
-        changes[key] = _coerce(key, value, getattr(cfg, key), str(f.type), where)
+        changes[key] = _coerce(key, value, str(f.type), where, from_text)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -75,7 +76,7 @@ def apply_overrides(cfg, overrides: list[str]):
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected key=value")
         values[key.replace("-", "_")] = value
-    return apply_dict(cfg, values, where="override")
+    return apply_dict(cfg, values, where="override", from_text=True)
 
 
 def load_toml(cfg, path: str | Path):
