@@ -2,8 +2,10 @@
 
 Backends: ``"ref"`` (NumPy reference), ``"cpu"`` (Numba), ``"gpu"`` (numba.cuda / CuPy).
 The array type picks the backend: a CuPy array -> "gpu", anything else -> "cpu". The environment
-variable ``TINYLM_KERNELS=ref`` forces the NumPy references (for study and bisecting); it is read
-at each call, so tests can flip it with ``monkeypatch.setenv``.
+variable ``TINYLM_KERNELS=ref`` forces the NumPy references (for study and bisecting), and
+``TINYLM_KERNELS=gpu`` the GPU variants (with ``NUMBA_ENABLE_CUDASIM=1``: the GPU path run on the
+CPU under Numba's simulator). It is read at each call, so tests can flip it with
+``monkeypatch.setenv``.
 
 Families register lazily: ``get("layernorm_fwd", x)`` imports ``kernels.layernorm`` the first
 time an op of that family is asked for, so ``import kernels`` costs nothing.
@@ -74,10 +76,11 @@ def get(op: str, *arrays, backend: str | None = None) -> Callable:
         _load(op)
     if backend is None:
         forced = os.environ.get("TINYLM_KERNELS", "").strip().lower()
-        if forced not in ("", "ref", "auto"):
-            raise ValueError(f"TINYLM_KERNELS={forced!r}: expected 'ref' or unset")
-        kind = backend_of(*arrays)
-        backend = "ref" if forced == "ref" else kind
+        if forced not in ("", "auto", "ref", "gpu"):
+            raise ValueError(f"TINYLM_KERNELS={forced!r}: expected 'ref', 'gpu' or unset")
+        # "gpu" forces the GPU variants whatever the array type: with NUMBA_ENABLE_CUDASIM=1
+        # they run on NumPy arrays, which is how the whole GPU path is tested without a GPU
+        backend = forced if forced in ("ref", "gpu") else backend_of(*arrays)
     fn = _REGISTRY.get((op, backend))
     if fn is None and backend == "cpu":
         fn = _REGISTRY.get((op, "ref"))
