@@ -173,6 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     t_last, tok_since = t_start, 0
     losses = []
     last_val = None
+    t_first = t_start
     stopped = "max_steps"
     try:
         while step < stop_at:
@@ -196,6 +197,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             step += 1
             tok_since += tokens_per_step
             losses.append(loss_sum)
+            if len(losses) == 1:
+                t_first = time.perf_counter()  # the first step includes JIT compiles: leave it out of tokens/s
             bar.update(1)
             if step % cfg.log_interval == 0 or step == stop_at:
                 now = time.perf_counter()
@@ -229,9 +232,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         bar.close()
         log.close()
     elapsed = time.perf_counter() - t_start
+    timed = len(losses) - 1
+    tps = timed * tokens_per_step / max(time.perf_counter() - t_first, 1e-9) if timed > 0 else 0.0
     return {"steps": step, "stopped": stopped, "train_losses": losses, "val": last_val, "elapsed_s": elapsed,
             "model": model, "tokenizer": data.tokenizer, "checkpoint": str(ckpt_dir), "out_dir": str(out),
-            "tokens_per_s": len(losses) * tokens_per_step / max(elapsed, 1e-9)}
+            "tokens_per_s": tps}
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
