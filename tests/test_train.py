@@ -153,3 +153,9 @@ def test_cli_train_then_sample(corpus, tmp_path):
     assert r.returncode == 2 and "not a checkpoint" in r.stderr
     r = run_cli("train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "y"), cwd=tmp_path)
     assert r.returncode == 2 and "missing.txt: no such file" in r.stderr
+
+
+def test_a_handful_of_files_still_gets_a_validation_split(tmp_path):
+    few = make_corpus(tmp_path / "few", n_docs=3)
+    res = train(cfg_for(few, tmp_path / "out", max_steps=2, eval_interval=2))
+    assert res["steps"] == 2 and np.isfinite(res["val"]["loss"])

@@ -99,10 +99,10 @@ def get_tokens(cfg, out_dir: Path, tokenizer_path: Path | None = None) -> TokenD
 
     docs = [_read(p) for p in files]
     docs = [d for d in docs if d.strip()]
-    if len(docs) < 2:
-        # one document: split it by lines into 20 pieces so there is something to validate on
-        lines = docs[0].splitlines(keepends=True) if docs else []
-        n = max(1, len(lines) // VAL_EVERY)
+    if len(docs) < VAL_EVERY:
+        # too few documents to hold every 20th out: cut the text into 20 pieces at line ends
+        lines = "".join(docs).splitlines(keepends=True)
+        n = max(1, -(-len(lines) // VAL_EVERY))
         docs = ["".join(lines[i : i + n]) for i in range(0, len(lines), n)]
     train_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY != VAL_EVERY - 1]
     val_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1]

@@ -52,7 +52,12 @@ def load_hf(cls, path: Path):
 
     from tinylm.models.gpt import GPTConfig  # noqa: PLC0415
 
-    cfg = GPTConfig(**_read_config(path), dropout=0.0, bias=True)
+    try:
+        cfg = GPTConfig(**_read_config(path), dropout=0.0, bias=True)
+    except ValueError as e:
+        if str(e).startswith(str(path / "config.json")):
+            raise
+        raise ValueError(f"{path / 'config.json'}: {e}") from None  # e.g. n_embd not divisible by n_head
     st_path = path / "model.safetensors"
     if not st_path.is_file():
         raise FileNotFoundError(f"{st_path}: not found")

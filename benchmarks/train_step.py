@@ -1,0 +1,584 @@
+"""Benchmark: one full training step (forward, backward, clip, AdamW) and KV-cache generation,
+tinylm against the same GPT written in PyTorch (CPU, eager), in one run.
+
+Configs (issue 5):   S: 4 layers, 4 heads, 128 wide, T=128, B=16, V=1024
+                     M: 6 layers, 6 heads, 384 wide, T=256, B=8,  V=8192
+                     L: 12 layers, 12 heads, 768 wide, T=256, B=4, V=50304 (GPT-2 124M)
+
+How it measures, so the ratios mean something on a noisy 2-core machine:
+- every (config, framework) runs in its own fresh subprocess, one after the other, with the same
+  thread count for everything (``--threads``, default 2): TINYLM_NUM_THREADS / NUMBA_NUM_THREADS
+  / OPENBLAS_NUM_THREADS / OMP_NUM_THREADS in the environment, ``tinylm._threads.set_num_threads``
+  when that module exists, else ``numba.set_num_threads``; ``torch.set_num_threads`` for PyTorch;
+- the PyTorch model starts from tinylm's initial weights (tinylm writes them with ``save_hf``;
+  the torch worker reads them with safetensors, without importing tinylm), and both train on the
+  same token batches, so the first losses must agree: the table prints both as a check that the
+  two programs compute the same thing;
+- a step is timed from the forward to the end of ``zero_grad``; ``--warmup`` steps (which include
+  Numba's JIT loading and first-touch page faults) are excluded; the median of ``--steps`` is
+  reported, with the forward / backward / clip / optimizer parts (medians of each part);
+- peak memory is the process's peak resident set (Linux ``VmHWM``), reset with
+  ``/proc/self/clear_refs`` after imports and a tiny warm-up step (so interpreter, library and
+  JIT-compiler memory is the baseline, not the measurement), then read after the last step: it
+  covers building the model and optimizer and all the steps. "growth" is that peak minus the
+  resident set at the reset; "peak" is the whole process. Where clear_refs cannot be written,
+  ``ru_maxrss`` is used instead and the table says so;
+- GFLOP/s = flops_per_token * tokens / s, with flops_per_token = 6 N + 12 n_layer T C
+  (N: parameters without the position table, the tied head counted once; PERF-NOTES);
+- ``--rounds R`` runs the (tinylm, PyTorch) pair R times alternating and keeps each one's
+  fastest round: on a shared machine a burst of someone else's load then hits both alike;
+- generation: config M, batch 1, a 16-token prompt, greedy, ``--gen-tokens`` new tokens with a
+  KV cache (tinylm's ``generate_iter``; a plain KV-cache loop over the same weights in torch);
+  tokens/s over the new tokens, the prompt's prefill included; the two token sequences are
+  compared (same weights, greedy: they agree until a near-tie in float32 rounding).
+- ``--profile`` (on by default for M) runs two more tinylm steps with every Function's forward and
+  backward timed, and prints where the step goes per op (Linear split by weight shape).
+
+Usage: .venv/bin/python benchmarks/train_step.py [--configs S,M,L] [--steps N] [--warmup W]
+       [--threads 2] [--gen-tokens 200] [--no-gen] [--no-profile] [--json FILE]
+L needs ~3-4 GB and a minute or more per framework on 2 cores: leave it out with --configs S,M.
+PyTorch is optional: without it only tinylm's columns are printed.
+Leaves out: GPU (a later issue), torch.compile (PERF-NOTES: 43 s to compile at M, no faster).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# benchmarks/kernels.py (the kernel benchmark) would shadow the ``kernels`` package if this
+# script's folder stayed first on sys.path
+if sys.path and os.path.abspath(sys.path[0] or ".") == HERE:
+    sys.path[0] = ROOT
+
+CONFIGS = {
+    "S": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch=16, vocab_size=1024),
+    "M": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=8, vocab_size=8192),
+    "L": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch=4, vocab_size=50304),
+}
+DEFAULT_STEPS = {"S": 10, "M": 6, "L": 3}
+N_BATCHES = 4          # distinct token batches, cycled: the same in both frameworks
+PROMPT_LEN = 16
+LR, BETAS, WD, CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0
+
+
+def flops_per_token(c: dict) -> float:
+    C, L = c["n_embd"], c["n_layer"]
+    n = c["vocab_size"] * C + L * (12 * C * C + 13 * C) + 2 * C  # wte + blocks + ln_f
+    return 6.0 * n + 12.0 * L * c["block_size"] * C
+
+
+def batches(c: dict):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = (c["batch"], c["block_size"])
+    return [(rng.integers(0, c["vocab_size"], shape), rng.integers(0, c["vocab_size"], shape)) for _ in range(N_BATCHES)]
+
+
+# ---- memory -----------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def reset_peak() -> tuple[int, bool]:
+    """(current RSS in KiB, whether the peak could be reset)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return _status_kib("VmRSS"), True
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
+
+
+def read_peak(resettable: bool) -> int:
+    return _status_kib("VmHWM") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def timed_steps(step, n_warm: int, n: int) -> dict:
+    """Run step() n_warm + n times; step returns its part times; medians of the last n."""
+    parts = []
+    for i in range(n_warm + n):
+        parts.append(step(i))
+    parts = parts[n_warm:]
+    out = {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "loss"}
+    out["step_s_all"] = [p["step"] for p in parts]
+    return out
+
+
+# ---- tinylm worker ----------------------------------------------------------------------------
+def worker_tinylm(c: dict, args) -> dict:
+    import numpy as np
+
+    try:
+        from tinylm._threads import set_num_threads
+    except ImportError:  # older trees: Numba's own setter (BLAS follows the environment)
+        from numba import set_num_threads
+    set_num_threads(args.threads)
+    from tinylm.models import GPT, GPTConfig
+    from tinylm.optim import AdamW
+
+    # warm-up on a tiny model: Numba loads its cached kernels (or compiles) outside the measurement
+    tiny = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    topt = AdamW(tiny.param_groups(WD), lr=LR)
+    _, l0 = tiny(np.zeros((2, 8), np.int64), np.ones((2, 8), np.int64))
+    l0.backward()
+    topt.clip_grad_norm(CLIP)
+    topt.step()
+    del tiny, topt, l0
+
+    base, resettable = reset_peak()
+    cfg = GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
+                    vocab_size=c["vocab_size"])
+    model = GPT(cfg, seed=0)
+    if args.init_dir:
+        model.save_hf(args.init_dir)  # the torch worker starts from these weights
+    res = {"params": model.num_params(), "flops_per_token": model.flops_per_token(c["block_size"])}
+    if args.mode == "gen":
+        return res | gen_tinylm(model, c, args) | {"base_kib": base, "peak_kib": read_peak(resettable), "resettable": resettable}
+    opt = AdamW(model.param_groups(WD), lr=LR, betas=BETAS)
+    data = batches(c)
+    losses = []
+
+    def step(i):
+        x, y = data[i % N_BATCHES]
+        t0 = time.perf_counter()
+        _, loss = model(x, y)
+        lv = loss.item()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.clip_grad_norm(CLIP)
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        t4 = time.perf_counter()
+        losses.append(lv)
+        return {"forward": t1 - t0, "backward": t2 - t1, "clip": t3 - t2, "optimizer": t4 - t3, "step": t4 - t0}
+
+    res |= timed_steps(step, args.warmup, args.steps)
+    res |= {"losses": losses, "base_kib": base, "peak_kib": read_peak(resettable), "resettable": resettable}
+    if args.profile:
+        res["profile"] = profile_tinylm(model, opt, data)
+    return res
+
+
+def profile_tinylm(model, opt, data, n: int = 2) -> dict:
+    """Seconds per step in each Function's forward/backward (wrapped timers), plus the rest."""
+    from tinylm import functional, ops  # noqa: F401  (registers every Function subclass)
+    from tinylm.tensor import Function
+
+    acc: dict[str, float] = {}
+
+    def all_subclasses(cls):
+        for s in cls.__subclasses__():
+            yield s
+            yield from all_subclasses(s)
+
+    def wrap(cls, meth):
+        orig = cls.__dict__[meth]
+
+        def timed(self, *a, **k):
+            if meth == "forward":
+                key = cls.__name__
+                if cls.__name__ == "Linear":  # block linears vs the LM head, by weight shape
+                    key += " " + "x".join(map(str, a[1].shape))
+                self._bench_key = key
+            t = time.perf_counter()
+            r = orig(self, *a, **k)
+            key = f"{getattr(self, '_bench_key', cls.__name__)} {meth}"
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+            return r
+
+        setattr(cls, meth, timed)
+        return orig
+
+    saved = []
+    for cls in set(all_subclasses(Function)):
+        for meth in ("forward", "backward"):
+            if meth in cls.__dict__:
+                saved.append((cls, meth, wrap(cls, meth)))
+    phase = {"forward (all)": 0.0, "backward (all)": 0.0, "clip + AdamW": 0.0}
+    try:
+        for i in range(n):
+            x, y = data[i % len(data)]
+            t0 = time.perf_counter()
+            _, loss = model(x, y)
+            loss.item()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.clip_grad_norm(CLIP)
+            opt.step()
+            opt.zero_grad()
+            t3 = time.perf_counter()
+            phase["forward (all)"] += t1 - t0
+            phase["backward (all)"] += t2 - t1
+            phase["clip + AdamW"] += t3 - t2
+    finally:
+        for cls, meth, orig in saved:
+            setattr(cls, meth, orig)
+    return {"ops": {k: v / n for k, v in acc.items()}, "phases": {k: v / n for k, v in phase.items()}}
+
+
+def gen_tinylm(model, c, args) -> dict:
+    import numpy as np
+
+    prompt = np.random.default_rng(1).integers(0, c["vocab_size"], (1, PROMPT_LEN))
+    for _ in model.generate_iter(prompt, 4, temperature=0.0):  # warm-up
+        pass
+    t = time.perf_counter()
+    toks = [int(t_[0]) for t_ in model.generate_iter(prompt, args.gen_tokens, temperature=0.0)]
+    dt = time.perf_counter() - t
+    return {"gen_s": dt, "gen_tokens_per_s": len(toks) / dt, "tokens": toks}
+
+
+# ---- PyTorch worker ---------------------------------------------------------------------------
+def torch_model(c: dict, init_dir: str):
+    """nanoGPT-style GPT-2 in PyTorch, weights read from tinylm's save_hf output (Conv1D (in, out)
+    layout, transposed into nn.Linear's (out, in))."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as TF
+    from safetensors import safe_open
+
+    C, nh = c["n_embd"], c["n_head"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def qkv(self, x):  # (B, T, C) -> 3 x (B, NH, T, hs)
+            B, T, _ = x.shape
+            return [a.view(B, T, nh, C // nh).transpose(1, 2) for a in self.c_attn(self.ln_1(x)).split(C, dim=2)]
+
+        def finish(self, x, y):  # y (B, NH, T, hs)
+            B, _, T, _ = y.shape
+            x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+            return x + self.mlp_proj(TF.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x)
+            return self.finish(x, TF.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(c["vocab_size"], C), nn.Embedding(c["block_size"], C)
+            self.h = nn.ModuleList([Block() for _ in range(c["n_layer"])])
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx, targets=None):
+            T = idx.shape[1]
+            x = self.wte(idx) + self.wpe(torch.arange(T))
+            for b in self.h:
+                x = b(x)
+            logits = self.ln_f(x) @ self.wte.weight.T  # tied head
+            loss = None if targets is None else TF.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            return logits, loss
+
+        @torch.no_grad()
+        def forward_cached(self, idx, cache, start):  # idx (1, Tn) -> last logits (1, V)
+            Tn = idx.shape[1]
+            x = self.wte(idx) + self.wpe(torch.arange(start, start + Tn))
+            for b, (K, V) in zip(self.h, cache):
+                q, k, v = b.qkv(x)
+                K[:, :, start : start + Tn], V[:, :, start : start + Tn] = k, v
+                # prefill starts at 0 (causal over itself); a single new token sees everything
+                y = TF.scaled_dot_product_attention(q, K[:, :, : start + Tn], V[:, :, : start + Tn], is_causal=Tn > 1)
+                x = b.finish(x, y)
+            return self.ln_f(x[:, -1]) @ self.wte.weight.T
+
+    m = GPT()
+    names = {"attn.c_attn": "c_attn", "attn.c_proj": "attn_proj", "mlp.c_fc": "c_fc", "mlp.c_proj": "mlp_proj"}
+    params = dict(m.named_parameters())
+    with safe_open(os.path.join(init_dir, "model.safetensors"), "np") as f, torch.no_grad():
+        for key in f.keys():  # one tensor at a time: no second copy of the whole model
+            ours = key
+            for a, b in names.items():
+                ours = ours.replace(a, b)
+            a = f.get_tensor(key)
+            is_linear = ours.endswith(".weight") and any(v in ours for v in names.values())
+            params[ours].copy_(torch.from_numpy(a.T.copy() if is_linear else a))
+    return m
+
+
+def worker_torch(c: dict, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    base_c = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, batch=2)
+    with tempfile.TemporaryDirectory() as d:  # warm-up on a tiny model, as the tinylm worker
+        _tiny_init(base_c, d)
+        tiny = torch_model(base_c, d)
+        o = torch.optim.AdamW(tiny.parameters(), lr=LR)
+        tiny(torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))[1].backward()
+        torch.nn.utils.clip_grad_norm_(tiny.parameters(), CLIP)
+        o.step()
+        del tiny, o
+
+    base, resettable = reset_peak()
+    model = torch_model(c, args.init_dir)
+    res = {"params": sum(p.numel() for p in model.parameters())}
+    if args.mode == "gen":
+        return res | gen_torch(model, c, args) | {"base_kib": base, "peak_kib": read_peak(resettable), "resettable": resettable}
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and n != "wpe.weight"]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and n != "wpe.weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=LR, betas=BETAS, eps=1e-8, fused=False)  # foreach: PyTorch's default
+    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches(c)]
+    losses = []
+
+    def step(i):
+        x, y = data[i % N_BATCHES]
+        t0 = time.perf_counter()
+        _, loss = model(x, y)
+        lv = loss.item()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        losses.append(lv)
+        return {"forward": t1 - t0, "backward": t2 - t1, "clip": t3 - t2, "optimizer": t4 - t3, "step": t4 - t0}
+
+    res |= timed_steps(step, args.warmup, args.steps)
+    return res | {"losses": losses, "base_kib": base, "peak_kib": read_peak(resettable), "resettable": resettable}
+
+
+def _tiny_init(c, d):
+    """GPT-2-layout weights for the torch warm-up model, without importing tinylm."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    C, V, T = c["n_embd"], c["vocab_size"], c["block_size"]
+    w = {"wte.weight": (V, C), "wpe.weight": (T, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(c["n_layer"]):
+        for k, s in {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+                     "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C),
+                     "attn.c_proj.bias": (C,), "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+                     "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}.items():
+            w[f"h.{i}.{k}"] = s
+    save_file({k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in w.items()}, os.path.join(d, "model.safetensors"))
+
+
+def gen_torch(model, c, args) -> dict:
+    import numpy as np
+    import torch
+
+    prompt = torch.from_numpy(np.random.default_rng(1).integers(0, c["vocab_size"], (1, PROMPT_LEN)))
+    hs = c["n_embd"] // c["n_head"]
+
+    def run(n):
+        cache = [(torch.zeros(1, c["n_head"], c["block_size"], hs), torch.zeros(1, c["n_head"], c["block_size"], hs))
+                 for _ in range(c["n_layer"])]
+        logits = model.forward_cached(prompt, cache, 0)
+        pos, out = PROMPT_LEN, []
+        for _ in range(n):
+            nxt = logits.argmax(-1)  # greedy, as tinylm's temperature=0
+            out.append(int(nxt[0]))
+            logits = model.forward_cached(nxt[:, None], cache, pos)
+            pos += 1
+        return out
+
+    run(4)
+    t = time.perf_counter()
+    toks = run(args.gen_tokens)
+    dt = time.perf_counter() - t
+    return {"gen_s": dt, "gen_tokens_per_s": len(toks) / dt, "tokens": toks}
+
+
+# ---- parent: run the workers, print the table -------------------------------------------------
+def run_worker(framework: str, cfg_name: str, mode: str, args, init_dir: str, profile: bool = False) -> dict:
+    env = dict(os.environ)
+    n = str(args.threads)
+    env.update(TINYLM_NUM_THREADS=n, NUMBA_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--configs", cfg_name, "--mode", mode,
+           "--steps", str(args.steps_for(cfg_name)), "--warmup", str(args.warmup_for(cfg_name)),
+           "--threads", n, "--gen-tokens", str(args.gen_tokens), "--init-dir", init_dir]
+    if profile:
+        cmd.append("--profile")
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout)[-3000:]
+        raise RuntimeError(f"{framework} worker for {cfg_name}/{mode} failed (exit {p.returncode}):\n{tail}")
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def mib(kib: float) -> str:
+    return f"{kib / 1024:,.0f}"
+
+
+def print_train_table(rows: list[tuple[str, dict, dict | None]]) -> None:
+    print("\n## Training step (forward, backward, clip, AdamW), fp32, median of the measured steps\n")
+    print("| config | params | framework | ms/step | tokens/s | GFLOP/s | peak RSS MiB | growth MiB | first loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, ours, theirs in rows:
+        c = CONFIGS[name]
+        tok = c["batch"] * c["block_size"]
+        for fw, r in (("tinylm", ours), ("PyTorch", theirs)):
+            if r is None:
+                continue
+            tps = tok / r["step"]
+            print(f"| {name} | {r['params'] / 1e6:.1f}M | {fw} | {r['step'] * 1e3:,.0f} | {tps:,.0f} | "
+                  f"{flops_per_token(c) * tps / 1e9:,.1f} | {mib(r['peak_kib'])} | {mib(r['peak_kib'] - r['base_kib'])} | "
+                  f"{r['losses'][0]:.4f} |")
+    if any(t is not None for _, _, t in rows):
+        print("\n| config | tokens/s ratio tinylm/PyTorch | peak RSS ratio | growth ratio | first-loss difference |")
+        print("|---|---|---|---|---|")
+        for name, ours, theirs in rows:
+            if theirs is None:
+                continue
+            g_ours, g_theirs = ours["peak_kib"] - ours["base_kib"], theirs["peak_kib"] - theirs["base_kib"]
+            print(f"| {name} | {theirs['step'] / ours['step']:.2f} | {ours['peak_kib'] / theirs['peak_kib']:.2f} | "
+                  f"{g_ours / max(g_theirs, 1):.2f} | {abs(ours['losses'][0] - theirs['losses'][0]):.1e} |")
+    if not all(r["resettable"] for _, o, t in rows for r in (o, t) if r is not None):
+        print("\n(peak memory from ru_maxrss: /proc/self/clear_refs was not writable, so it includes the warm-up)")
+
+
+def print_parts(name: str, ours: dict, theirs: dict | None) -> None:
+    print(f"\n## Where a step goes, config {name} (ms, medians per part)\n")
+    print("| part | tinylm | PyTorch | ratio tinylm/PyTorch |")
+    print("|---|---|---|---|")
+    for part in ("forward", "backward", "clip", "optimizer", "step"):
+        t = theirs[part] * 1e3 if theirs else None
+        print(f"| {part} | {ours[part] * 1e3:,.1f} | {'' if t is None else f'{t:,.1f}'} | "
+              f"{'' if t is None else f'{ours[part] * 1e3 / t:.2f}'} |")
+
+
+def print_profile(name: str, prof: dict) -> None:
+    ops, phases = prof["ops"], prof["phases"]
+    print(f"\n## tinylm per-op time, config {name} (ms per step, timers around each Function; 2 steps)\n")
+    print("| op | ms | share of step |")
+    print("|---|---|---|")
+    total = sum(phases.values())
+    for k, v in sorted(ops.items(), key=lambda kv: -kv[1]):
+        if v * 1e3 >= 0.05:
+            print(f"| {k} | {v * 1e3:,.1f} | {100 * v / total:.1f}% |")
+    fwd_ops = sum(v for k, v in ops.items() if k.endswith(" forward"))
+    bwd_ops = sum(v for k, v in ops.items() if k.endswith(" backward"))
+    print(f"| (forward outside ops: Python, Tensor glue) | {(phases['forward (all)'] - fwd_ops) * 1e3:,.1f} | "
+          f"{100 * (phases['forward (all)'] - fwd_ops) / total:.1f}% |")
+    print(f"| (backward outside ops: engine, accumulation) | {(phases['backward (all)'] - bwd_ops) * 1e3:,.1f} | "
+          f"{100 * (phases['backward (all)'] - bwd_ops) / total:.1f}% |")
+    print(f"| clip + AdamW | {phases['clip + AdamW'] * 1e3:,.1f} | {100 * phases['clip + AdamW'] / total:.1f}% |")
+    print(f"| step (timed, with timers' overhead) | {total * 1e3:,.1f} | 100% |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="tinylm vs PyTorch: training step and KV-cache generation")
+    ap.add_argument("--configs", default="S,M,L", help="comma-separated from S,M,L (default: all)")
+    ap.add_argument("--steps", type=int, default=None, help=f"measured steps (default per config: {DEFAULT_STEPS})")
+    ap.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 2; 1 for L)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each config's pair of workers this many times, alternating; report each "
+                         "framework's fastest round (for a machine whose load varies)")
+    ap.add_argument("--gen-tokens", type=int, default=200)
+    ap.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
+    ap.add_argument("--no-torch", action="store_true", help="tinylm only")
+    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)  # worker flag
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-op profile of config M")
+    ap.add_argument("--json", metavar="FILE", help="also write all results as JSON")
+    ap.add_argument("--worker", choices=["tinylm", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=["train", "gen"], default="train", help=argparse.SUPPRESS)
+    ap.add_argument("--init-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    names = [s.strip().upper() for s in args.configs.split(",") if s.strip()]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad or not names:
+        ap.error(f"unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
+    args.steps_for = lambda n: args.steps if args.steps is not None else DEFAULT_STEPS[n]
+    args.warmup_for = lambda n: args.warmup if args.warmup is not None else (1 if n == "L" else 2)
+    if args.worker:
+        args.steps, args.warmup = args.steps_for(names[0]), args.warmup_for(names[0])
+        fn = worker_tinylm if args.worker == "tinylm" else worker_torch
+        print("RESULT " + json.dumps(fn(CONFIGS[names[0]], args)), flush=True)
+        return 0
+
+    have_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    print(f"threads {args.threads}; PyTorch {'found' if have_torch else 'not used'}; "
+          f"configs {','.join(names)}; {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    if have_torch:
+        import torch  # noqa: PLC0415  (only for its version string)
+
+        print(f"torch {torch.__version__}", flush=True)
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory(prefix="tinylm-bench-") as tmp:
+        for name in names:
+            init_dir = os.path.join(tmp, name)
+            runs = {"tinylm": [], "torch": []}
+            for r in range(args.rounds):  # alternate the two, so a burst of load hits both alike
+                print(f"{name} round {r + 1}/{args.rounds}: tinylm ...", end=" ", flush=True)
+                runs["tinylm"].append(run_worker("tinylm", name, "train", args, init_dir,
+                                                 name == "M" and not args.no_profile and r == 0))
+                print(f"{runs['tinylm'][-1]['step'] * 1e3:,.0f} ms/step", end="", flush=True)
+                if have_torch:
+                    print("; PyTorch ...", end=" ", flush=True)
+                    runs["torch"].append(run_worker("torch", name, "train", args, init_dir))
+                    print(f"{runs['torch'][-1]['step'] * 1e3:,.0f} ms/step", end="", flush=True)
+                print(flush=True)
+            # each framework's least-disturbed round (lowest median step time)
+            ours = min(runs["tinylm"], key=lambda r: r["step"])
+            if "profile" not in ours and "profile" in runs["tinylm"][0]:
+                ours["profile"] = runs["tinylm"][0]["profile"]
+            theirs = min(runs["torch"], key=lambda r: r["step"]) if runs["torch"] else None
+            rows.append((name, ours, theirs))
+            results[name] = {"tinylm": ours, "torch": theirs, "rounds": runs}
+        if not args.no_gen:
+            print("generation at M: tinylm ...", end=" ", flush=True)
+            init_dir = os.path.join(tmp, "M-gen")
+            g_ours = run_worker("tinylm", "M", "gen", args, init_dir)
+            g_theirs = run_worker("torch", "M", "gen", args, init_dir) if have_torch else None
+            print("done", flush=True)
+            results["generation_M"] = {"tinylm": g_ours, "torch": g_theirs}
+
+    print_train_table(rows)
+    for name, ours, theirs in rows:
+        if name == "M" or len(rows) == 1:
+            print_parts(name, ours, theirs)
+        if "profile" in ours:
+            print_profile(name, ours["profile"])
+    if not args.no_gen:
+        g_ours, g_theirs = results["generation_M"]["tinylm"], results["generation_M"]["torch"]
+        print(f"\n## Generation, config M, batch 1, KV cache, greedy, {PROMPT_LEN}-token prompt + {args.gen_tokens} new\n")
+        print("| framework | tokens/s | ms/token |")
+        print("|---|---|---|")
+        for fw, g in (("tinylm", g_ours), ("PyTorch", g_theirs)):
+            if g is not None:
+                print(f"| {fw} | {g['gen_tokens_per_s']:,.1f} | {1e3 / g['gen_tokens_per_s']:.2f} |")
+        if g_theirs is not None:
+            same = next((i for i, (a, b) in enumerate(zip(g_ours["tokens"], g_theirs["tokens"])) if a != b), len(g_ours["tokens"]))
+            print(f"\nratio tinylm/PyTorch: {g_ours['gen_tokens_per_s'] / g_theirs['gen_tokens_per_s']:.2f}; "
+                  f"greedy tokens identical for the first {same} of {len(g_ours['tokens'])}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
