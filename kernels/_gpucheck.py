@@ -1,0 +1,121 @@
+"""Check the GPU kernels without a GPU: run them under Numba's CUDA simulator, or compile to PTX.
+
+    NUMBA_ENABLE_CUDASIM=1 python -m kernels._gpucheck sim   # every GPU variant vs its _ref
+    python -m kernels._gpucheck ptx                          # every kernel -> PTX, sm_80 + sm_90
+
+One line per check: ``OK <what>`` or ``FAIL <what>: <why>``; exit status 1 if any failed. The two
+modes need different processes: the simulator must be switched on before numba.cuda is first
+imported, and compile_ptx needs the real numba.cuda (NVVM from the nvidia-* wheels).
+Simulator shapes are tiny (every simulated thread is a Python thread) but span several blocks.
+
+Leaves out: timing (the simulator's speed means nothing), streams, multi-GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import numpy as np
+
+FAMILIES = ("layernorm", "gelu", "cross_entropy", "attention", "embedding", "adamw", "gradnorm",
+            "matmul")
+
+
+def _cases(dt, rng):
+    """op -> (args, in-place arg indices) with several blocks per launch, for dtype dt."""
+    def f(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(dt)
+    x = f(3, 200)
+    _, mean, rstd = importlib.import_module("kernels.layernorm").layernorm_fwd_ref(
+        x, f(200), f(200), 1e-5)
+    z = f(3, 300, scale=3.0)
+    z[1, 7] = 1000.0  # extreme logits stay finite
+    z[2, :] -= 1000.0
+    tg = np.array([5, 7, -100])
+    lse = importlib.import_module("kernels.cross_entropy").cross_entropy_fwd_ref(z, tg, -100)[1]
+    q, k, v, d = (f(1, 2, 70, 4) for _ in range(4))  # 140 query rows: 2 blocks of 128
+    o, l = importlib.import_module("kernels.attention").attention_fwd_ref(q, k, v)
+    ids = np.array([[1, 3, 3, 0, 10], [3, 1, 1, 1, 9], [0, 0, 2, 3, 3]])  # duplicates, V=11
+    return {
+        "layernorm_fwd": ((x, f(200), f(200), 1e-5), ()),
+        "layernorm_bwd": ((f(3, 200), x, f(200), mean, rstd), ()),
+        "gelu_fwd": ((f(2, 300, scale=3.0),), ()),  # 600 elements: 3 blocks of 256
+        "gelu_bwd": ((f(2, 300), f(2, 300, scale=3.0)), ()),
+        "cross_entropy_fwd": ((z, tg, -100), ()),
+        "cross_entropy_bwd": ((z, tg, lse, f(3), -100), ()),
+        "attention_fwd": ((q, k, v), ()),
+        "attention_bwd": ((d, q, k, v, o, l), ()),
+        "embedding_fwd": ((ids, f(11, 40)), ()),  # 600 outputs: 3 blocks
+        "embedding_bwd": ((f(3, 5, 40), ids, 11), ()),  # 440 outputs: 2 blocks
+        "adamw_update": ((f(600), f(600), f(600, scale=0.1), np.abs(f(600, scale=0.01)),
+                          1e-2, 0.9, 0.95, 1e-8, 0.1, 3), (0, 2, 3)),
+        "sumsq": ((f(600),), ()),
+        "matmul": ((f(20, 17), f(17, 35)), ()),  # 3 x 2 blocks of 16 x 16
+    }
+
+
+def _run(fn, args, inplace):
+    args = tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args)
+    out = fn(*args)
+    if inplace:
+        return [args[i] for i in inplace]
+    return [np.asarray(o) for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def check_sim() -> int:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        print("FAIL setup: NUMBA_ENABLE_CUDASIM=1 must be set before this process starts")
+        return 1
+    bad = 0
+    for dt, tol in ((np.float32, 2e-5), (np.float64, 1e-12)):
+        cases = _cases(dt, np.random.default_rng(0))
+        for fam in FAMILIES:
+            mod = importlib.import_module(f"kernels.{fam}")
+            for op, table in mod.VARIANTS.items():
+                args, inplace = cases[op]
+                want = _run(table["ref"], args, inplace)
+                for name, fn in table.items():
+                    if not name.startswith("gpu"):
+                        continue
+                    what = f"sim {op} {name} {np.dtype(dt).name}"
+                    try:
+                        got = _run(fn, args, inplace)
+                        errs = [float(np.max(np.abs(g - w) / (1 + np.abs(w)), initial=0.0))
+                                for g, w in zip(got, want)]
+                        finite = all(np.all(np.isfinite(g)) for g in got)
+                        ok = finite and max(errs) <= tol and all(
+                            g.shape == w.shape and g.dtype == w.dtype for g, w in zip(got, want))
+                        print(f"{'OK' if ok else 'FAIL'} {what}: max rel err {max(errs):.1e}")
+                        bad += not ok
+                    except Exception:
+                        print(f"FAIL {what}: {traceback.format_exc(limit=3)!r}")
+                        bad += 1
+    return bad
+
+
+def check_ptx() -> int:
+    from numba import cuda
+    bad = 0
+    for fam in FAMILIES:
+        mod = importlib.import_module(f"kernels.{fam}")
+        for name, pyfunc, sig in mod.gpu_kernels_for_ptx():
+            for cc in ((8, 0), (9, 0)):
+                what = f"ptx {name} sm_{cc[0]}{cc[1]}"
+                try:
+                    ptx, _ = cuda.compile_ptx(pyfunc, sig, cc=cc)
+                    ok = f".target sm_{cc[0]}{cc[1]}" in ptx and ".entry" in ptx
+                    print(f"{'OK' if ok else 'FAIL'} {what}: {len(ptx)} chars")
+                    bad += not ok
+                except Exception:
+                    print(f"FAIL {what}: {traceback.format_exc(limit=3)!r}")
+                    bad += 1
+    return bad
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode not in ("sim", "ptx"):
+        sys.exit("usage: python -m kernels._gpucheck sim|ptx")
+    sys.exit(1 if (check_sim() if mode == "sim" else check_ptx()) else 0)

@@ -1,0 +1,102 @@
+"""GPU kernels without a GPU: the CUDA simulator against the references, and PTX for sm_80/sm_90.
+
+Each mode runs ``python -m kernels._gpucheck`` in a subprocess (the simulator has to be switched
+on before numba.cuda is first imported; compile_ptx needs it off), and the test asserts on the
+per-kernel lines, against the list below, so a kernel that disappears from the checker fails.
+A real-GPU run (CuPy arrays) is in ``test_real_gpu``, skipped where there is none.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GPU_OPS = [  # (op, variant) of every GPU variant in the VARIANTS tables
+    ("layernorm_fwd", "gpu"), ("layernorm_bwd", "gpu"), ("gelu_fwd", "gpu"), ("gelu_bwd", "gpu"),
+    ("cross_entropy_fwd", "gpu"), ("cross_entropy_bwd", "gpu"), ("attention_fwd", "gpu"),
+    ("attention_bwd", "gpu"), ("embedding_fwd", "gpu"), ("embedding_bwd", "gpu"),
+    ("adamw_update", "gpu"), ("sumsq", "gpu"), ("matmul", "gpu"), ("matmul", "gpu_numba"),
+]
+PTX_KERNELS = [
+    "layernorm_fwd", "layernorm_bwd_dx", "layernorm_bwd_dwdb", "gelu_fwd", "gelu_bwd",
+    "cross_entropy_fwd", "cross_entropy_bwd", "attention_fwd", "attention_bwd_dq",
+    "attention_bwd_dkdv", "embedding_fwd", "embedding_bwd", "adamw_update", "sumsq",
+    "matmul_gpu_numba",
+]
+
+
+def run_check(mode, sim):
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    if sim:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "kernels._gpucheck", mode], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_variant_tables_list_the_gpu_ops():
+    import importlib
+    from kernels._gpucheck import FAMILIES
+    found = sorted((op, name) for fam in FAMILIES
+                   for op, t in importlib.import_module(f"kernels.{fam}").VARIANTS.items()
+                   for name in t if name.startswith("gpu"))
+    assert found == sorted(GPU_OPS)
+
+
+def test_gpu_kernels_under_simulator():
+    rc, out = run_check("sim", sim=True)
+    for op, name in GPU_OPS:
+        for dt in ("float32", "float64"):
+            assert f"OK sim {op} {name} {dt}:" in out, out
+    assert "FAIL" not in out and rc == 0, out
+
+
+@pytest.mark.slow
+def test_gpu_kernels_compile_to_ptx():
+    pytest.importorskip("numba.cuda")
+    rc, out = run_check("ptx", sim=False)
+    for k in PTX_KERNELS:
+        for cc in ("sm_80", "sm_90"):
+            assert f"OK ptx {k} {cc}:" in out, out
+    assert "FAIL" not in out and rc == 0, out
+
+
+def test_gpu_unavailable_is_explained(monkeypatch):
+    """Without CuPy the GPU backend says why it is unavailable (instead of failing later)."""
+    from kernels._common import gpu_unavailable_reason
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    why = gpu_unavailable_reason()
+    assert why is not None and "CuPy is not importable" in why
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")  # the simulator needs neither CuPy nor a GPU
+    assert gpu_unavailable_reason() is None
+
+
+@pytest.mark.gpu
+def test_real_gpu():
+    cupy = pytest.importorskip("cupy")
+    from kernels._common import gpu_unavailable_reason
+    if gpu_unavailable_reason():
+        pytest.skip(gpu_unavailable_reason())
+    from kernels import attention, cross_entropy, layernorm
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 384)).astype(np.float32)
+    w, b = np.ones(384, np.float32), np.zeros(384, np.float32)
+    got = layernorm.layernorm_fwd_gpu(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), 1e-5)
+    for g, r in zip(got, layernorm.layernorm_fwd_ref(x, w, b, 1e-5)):
+        np.testing.assert_allclose(cupy.asnumpy(g), r, rtol=1e-4, atol=1e-5)
+    z = rng.standard_normal((64, 1000)).astype(np.float32)
+    t = rng.integers(0, 1000, 64)
+    got = cross_entropy.cross_entropy_fwd_gpu(cupy.asarray(z), cupy.asarray(t), -100)
+    for g, r in zip(got, cross_entropy.cross_entropy_fwd_ref(z, t, -100)):
+        np.testing.assert_allclose(cupy.asnumpy(g), r, rtol=1e-4, atol=1e-5)
+    q = rng.standard_normal((2, 3, 70, 16)).astype(np.float32)
+    got = attention.attention_fwd_gpu(*(cupy.asarray(q) for _ in range(3)))
+    for g, r in zip(got, attention.attention_fwd_ref(q, q, q)):
+        np.testing.assert_allclose(cupy.asnumpy(g), r, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,130 @@
+"""One thread count for Numba's parallel loops and the BLAS library, set together.
+
+``TINYLM_NUM_THREADS`` (default: the cores this process may run on) is applied by
+``apply_env()``; ``set_num_threads(n)`` changes it at run time. Why both at once: Numba and
+OpenBLAS each keep their own pool, and on a 2-core machine running a Numba parallel kernel while
+BLAS threads still spin costs time (PERF-NOTES, "Thread oversubscription"). tinylm alternates
+between the two (a BLAS matmul, then a Numba kernel), never runs them nested, so n threads for
+each is n busy threads at any moment.
+
+How BLAS is reached without a dependency: NumPy's OpenBLAS (``scipy_openblas``, bundled in the
+wheel) exports ``openblas_set_num_threads`` under a prefixed/suffixed name; we find the
+library among the loaded shared objects (/proc/self/maps) and call it with ctypes. Before NumPy
+is imported, the ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` variables do the same job, and
+before Numba is imported ``NUMBA_NUM_THREADS`` raises its pool's ceiling. threadpoolctl would
+do the lookup for every BLAS vendor; it is not needed for the OpenBLAS that NumPy ships.
+
+Measured pitfall with PyTorch in the same process (benchmarks, reference tests): Numba's "omp"
+threading layer loads the system libgomp.so.1 when its pool starts; a torch imported after that
+binds to the already-loaded soname instead of its bundled libgomp, and its SDPA fwd+bwd took
+1.3-1.9 s instead of 24 ms. Importing torch first (its libgomp is then shared by Numba) showed
+no slowdown. tinylm itself never imports torch.
+
+Leaves out: MKL/BLIS builds of NumPy (set their own variables), GPU streams.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_ENV = "TINYLM_NUM_THREADS"
+_BLAS_SYMBOLS = (
+    "scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads64_", "openblas_set_num_threads",
+)
+_BLAS_GET = (
+    "scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+    "openblas_get_num_threads64_", "openblas_get_num_threads",
+)
+_state = {"n": None}
+
+
+def default_threads() -> int:
+    """Cores this process may use (the affinity mask, which respects taskset/cgroups)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _requested() -> int:
+    raw = os.environ.get(_ENV, "").strip()
+    if not raw:
+        return default_threads()
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{_ENV}={raw!r}: expected a positive integer") from None
+    if n < 1:
+        raise ValueError(f"{_ENV}={raw!r}: expected a positive integer")
+    return n
+
+
+def _openblas_libs():
+    """ctypes handles of the loaded OpenBLAS libraries (NumPy's bundled one, normally)."""
+    paths = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if "openblas" in os.path.basename(path).lower() and ".so" in path:
+                    paths.add(path)
+    except OSError:
+        return []
+    libs = []
+    for p in sorted(paths):
+        try:
+            libs.append(ctypes.CDLL(p))
+        except OSError:
+            pass
+    return libs
+
+
+def _blas_call(names, *args):
+    for lib in _openblas_libs():
+        for name in names:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                return fn(*args)
+    return None
+
+
+def blas_num_threads() -> int | None:
+    """BLAS's current thread count, or None when no OpenBLAS is loaded."""
+    return _blas_call(_BLAS_GET)
+
+
+def set_num_threads(n: int) -> int:
+    """Use n threads for Numba and BLAS; returns the count Numba actually got.
+
+    Numba cannot go above the pool it started with (NUMBA_NUM_THREADS, default: the cores);
+    n is clipped to that ceiling, and BLAS gets the same clipped number.
+    """
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    if "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(max(n, default_threads())))
+    if "numpy" not in sys.modules:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+    import numba
+
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    _blas_call(_BLAS_SYMBOLS, ctypes.c_int(n))
+    _state["n"] = n
+    return n
+
+
+def get_num_threads() -> int:
+    """The thread count last set (applying TINYLM_NUM_THREADS first if nothing was set)."""
+    if _state["n"] is None:
+        apply_env()
+    return _state["n"]
+
+
+def apply_env() -> int:
+    """Apply TINYLM_NUM_THREADS (default: the cores); called once when tinylm is imported."""
+    return set_num_threads(_requested())
