@@ -8,6 +8,12 @@ variant against the reference and times it.
 Dispatch: ``kernels.get(op, *arrays)`` picks the backend from the array type (CuPy -> "gpu",
 NumPy -> "cpu"); ``TINYLM_KERNELS=ref`` forces the NumPy references everywhere.
 """
-from kernels.registry import available, backend_of, get, register
+import os as _os
+
+# passive OpenMP waiting: see tinylm/__init__.py for the measurement (spinning Numba workers
+# starve BLAS threads on small machines); set before Numba's OpenMP pool is first launched
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from kernels.registry import available, backend_of, get, register  # noqa: E402
 
 __all__ = ["available", "backend_of", "get", "register"]

@@ -31,6 +31,17 @@ _FAMILY = {
 }
 
 BACKENDS = ("ref", "cpu", "gpu")
+_threads_applied = False
+
+
+def _apply_threads() -> None:
+    """TINYLM_NUM_THREADS -> Numba and BLAS, once, when the first kernel is asked for (not at
+    import: it imports Numba, which `tinylm --help` should not pay for)."""
+    global _threads_applied
+    from kernels import _threads  # noqa: PLC0415
+
+    _threads.apply_env()
+    _threads_applied = True
 
 
 def register(op: str, backend: str):
@@ -74,6 +85,8 @@ def get(op: str, *arrays, backend: str | None = None) -> Callable:
     """
     if (op, "ref") not in _REGISTRY:
         _load(op)
+    if not _threads_applied:
+        _apply_threads()
     if backend is None:
         forced = os.environ.get("TINYLM_KERNELS", "").strip().lower()
         if forced not in ("", "auto", "ref", "gpu"):

@@ -46,7 +46,7 @@ def test_attention_cpu_is_one_of_the_variants():
 
 
 def _threads_in_subprocess(env_value):
-    code = ("import numpy, numba; from tinylm import _threads as t; n = t.apply_env(); "
+    code = ("import numpy, numba; from kernels import _threads as t; n = t.apply_env(); "
             "print(n, numba.get_num_threads(), t.blas_num_threads())")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TINYLM_NUM_THREADS", None)
@@ -64,7 +64,7 @@ def test_tinylm_num_threads_sets_numba_and_blas_together():
 
 
 def test_threads_default_is_the_cores():
-    from tinylm._threads import default_threads
+    from kernels._threads import default_threads
     r = _threads_in_subprocess(None)
     assert r.returncode == 0, r.stderr
     n = default_threads()
@@ -78,7 +78,7 @@ def test_bad_thread_setting_is_an_error():
 
 
 def test_set_num_threads_round_trip():
-    from tinylm import _threads
+    from kernels import _threads
     import numba
     before = numba.get_num_threads()
     try:

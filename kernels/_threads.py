@@ -126,5 +126,5 @@ def get_num_threads() -> int:
 
 
 def apply_env() -> int:
-    """Apply TINYLM_NUM_THREADS (default: the cores); called once when tinylm is imported."""
+    """Apply TINYLM_NUM_THREADS (default: the cores); called by kernels.registry when the first kernel is asked for."""
     return set_num_threads(_requested())
