@@ -248,7 +248,7 @@ def speed_table(args):
 
     from kernels import adamw, attention, cross_entropy, embedding, gelu, gradnorm, layernorm, matmul
     from kernels._common import gpu_unavailable_reason
-    from tinylm import _threads
+    from kernels import _threads
 
     n = _threads.set_num_threads(args.threads)
     mods = (layernorm, gelu, cross_entropy, attention, embedding, adamw, gradnorm, matmul)
@@ -309,7 +309,7 @@ MEM_CHILD = r"""
 import sys, numpy as np
 sys.path.insert(0, {root!r})
 from kernels import attention as A
-from tinylm import _threads
+from kernels import _threads
 _threads.set_num_threads({threads})
 name = {name!r}
 fwd, bwd = A.VARIANTS["attention_fwd"][name], A.VARIANTS["attention_bwd"][name]

@@ -8,7 +8,7 @@ Configs (issue 5):   S: 4 layers, 4 heads, 128 wide, T=128, B=16, V=1024
 How it measures, so the ratios mean something on a noisy 2-core machine:
 - every (config, framework) runs in its own fresh subprocess, one after the other, with the same
   thread count for everything (``--threads``, default 2): TINYLM_NUM_THREADS / NUMBA_NUM_THREADS
-  / OPENBLAS_NUM_THREADS / OMP_NUM_THREADS in the environment, ``tinylm._threads.set_num_threads``
+  / OPENBLAS_NUM_THREADS / OMP_NUM_THREADS in the environment, ``kernels._threads.set_num_threads``
   when that module exists, else ``numba.set_num_threads``; ``torch.set_num_threads`` for PyTorch;
 - the PyTorch model starts from tinylm's initial weights (tinylm writes them with ``save_hf``;
   the torch worker reads them with safetensors, without importing tinylm), and both train on the
@@ -121,10 +121,8 @@ def timed_steps(step, n_warm: int, n: int) -> dict:
 def worker_tinylm(c: dict, args) -> dict:
     import numpy as np
 
-    try:
-        from tinylm._threads import set_num_threads
-    except ImportError:  # older trees: Numba's own setter (BLAS follows the environment)
-        from numba import set_num_threads
+    from kernels._threads import set_num_threads
+
     set_num_threads(args.threads)
     from tinylm.models import GPT, GPTConfig
     from tinylm.optim import AdamW

@@ -60,6 +60,11 @@ jobs during these runs, so only same-run comparisons mean anything):
      59.5, cpu_blas 56.1, PyTorch SDPA 24.5. Target missed: every variant is ~2.3x slower than
      PyTorch and no faster than the NumPy ref. What would close it: a register-blocked micro-
      kernel (or BLAS called on tiles from inside the Numba loop), not more loop reshuffling.
+  v3 (lead, after OMP_WAIT_POLICY=PASSIVE became tinylm's default; quiet machine, load 0.7,
+     median of 8 fwd / bwd ms): B=8 NH=6 T=256 hs=64: ref 21.6/36.3, cpu_plain 15.0/31.6,
+     cpu_flash 17.2/38.2, cpu_blas 8.6/18.0. B=16 NH=4 T=128 hs=32: ref 9.4/16.8, cpu_plain
+     5.1/16.8, cpu_flash 6.5/17.5, cpu_blas 4.2/9.7. The swings above were the two spinning
+     thread pools starving each other; "cpu" is now cpu_blas (PyTorch SDPA: 27 ms fwd+bwd).
   Peak extra memory fwd+bwd at B=1, NH=6, T=2048 (benchmarks/kernels.py): ref 304 MiB,
      cpu_plain 73 MiB, cpu_flash 15.5 MiB (of which 15 MiB are outputs, gradients and K^T/V^T).
 """
@@ -602,10 +607,11 @@ def gpu_kernels_for_ptx():
     ]
 
 
-# "cpu" = flash: the fastest fwd+bwd in round-robin runs on the shared machines (see the log);
-# cpu_blas won the one quiet-machine run. Switch here if benchmarks/kernels.py says otherwise.
-register("attention_fwd", "cpu")(attention_fwd_cpu_flash)
-register("attention_bwd", "cpu")(attention_bwd_cpu_flash)
+# "cpu" = cpu_blas: with OpenMP workers waiting passively (OMP_WAIT_POLICY=PASSIVE, set by
+# kernels/__init__.py) it no longer fights OpenBLAS for the cores, and on a quiet machine it is
+# the fastest by 2x (v3 in the log). The flash variant stays for study and for O(T) memory.
+register("attention_fwd", "cpu")(attention_fwd_cpu_blas)
+register("attention_bwd", "cpu")(attention_bwd_cpu_blas)
 
 VARIANTS = {
     "attention_fwd": {"ref": attention_fwd_ref, "cpu_plain": attention_fwd_cpu_plain,
