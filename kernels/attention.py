@@ -63,8 +63,13 @@ jobs during these runs, so only same-run comparisons mean anything):
   v3 (lead, after OMP_WAIT_POLICY=PASSIVE became tinylm's default; quiet machine, load 0.7,
      median of 8 fwd / bwd ms): B=8 NH=6 T=256 hs=64: ref 21.6/36.3, cpu_plain 15.0/31.6,
      cpu_flash 17.2/38.2, cpu_blas 8.6/18.0. B=16 NH=4 T=128 hs=32: ref 9.4/16.8, cpu_plain
-     5.1/16.8, cpu_flash 6.5/17.5, cpu_blas 4.2/9.7. The swings above were the two spinning
-     thread pools starving each other; "cpu" is now cpu_blas (PyTorch SDPA: 27 ms fwd+bwd).
+     5.1/16.8, cpu_flash 6.5/17.5, cpu_blas 4.2/9.7. A later run of the same script at M:
+     cpu_blas 11.1/23.1, cpu_flash 17.5/40.2. Separate processes, fwd+bwd back to back, median
+     (min) of 20, two runs each: cpu_blas 49.6 (34.2) / 48.1 (34.9) ms, PyTorch SDPA 26.5 (22.2)
+     / 23.8 (21.6) ms. So cpu_blas is the fastest variant and "cpu" now, but still ~1.5-2x
+     slower than PyTorch: target missed. (In one process with torch imported first, cpu_blas
+     took 60-90 ms: torch's OpenMP runtime, loaded before tinylm could ask for passive
+     waiting, spins.) Much of the earlier swings were the two spinning pools starving each other.
   Peak extra memory fwd+bwd at B=1, NH=6, T=2048 (benchmarks/kernels.py): ref 304 MiB,
      cpu_plain 73 MiB, cpu_flash 15.5 MiB (of which 15 MiB are outputs, gradients and K^T/V^T).
 """
@@ -608,8 +613,8 @@ def gpu_kernels_for_ptx():
 
 
 # "cpu" = cpu_blas: with OpenMP workers waiting passively (OMP_WAIT_POLICY=PASSIVE, set by
-# kernels/__init__.py) it no longer fights OpenBLAS for the cores, and on a quiet machine it is
-# the fastest by 2x (v3 in the log). The flash variant stays for study and for O(T) memory.
+# kernels/__init__.py) it no longer fights OpenBLAS for the cores, and it is the fastest CPU
+# variant, 1.5-2x faster than flash (v3 in the log). Flash stays for study and O(T) memory.
 register("attention_fwd", "cpu")(attention_fwd_cpu_blas)
 register("attention_bwd", "cpu")(attention_bwd_cpu_blas)
 
