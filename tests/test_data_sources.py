@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from test_data_support import decode_prepared, make_tokenizer, random_doc, vocabulary
-from tinylm.data import load_prepared, prepare
+from tinylm.data import prepare
 from tinylm.data import sources
 from tinylm.data.sources import SEPARATOR, Issues, SourceOptions, iter_documents, list_files
 

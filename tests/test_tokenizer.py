@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import regex
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tinylm.tokenizer import GPT2_PATTERN, BPETokenizer

@@ -27,10 +27,6 @@ def _contig(xp, a):
     return xp.ascontiguousarray(a)
 
 
-def _as_tensor(x) -> Tensor:
-    return x if isinstance(x, Tensor) else Tensor(x)
-
-
 # ---- linear ---------------------------------------------------------------------------------
 class Linear(Function):
     def forward(self, x, w, b=None):  # (..., C_in), (C_in, C_out), (C_out,) -> (..., C_out)

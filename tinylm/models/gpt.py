@@ -17,7 +17,6 @@ References: Radford et al. 2019 (GPT-2); nanoGPT's model.py for the layout.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -156,7 +155,6 @@ class GPT(Module):
         keys and values to ``cache`` (per layer (K, V) arrays of shape (B, NH, block_size, hs)).
         Returns the logits of the last position (B, V) as an array. No autograd."""
         c = self.config
-        xp = xp_of(self.wte.weight.data)
         B, Tn = idx.shape
         nh, hs = c.n_head, c.n_embd // c.n_head
         with no_grad():
