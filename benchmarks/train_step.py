@@ -499,7 +499,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
     ap.add_argument("--no-torch", action="store_true", help="tinylm only")
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)  # worker flag
-    ap.add_argument("--no-profile", action="store_true", help="skip the per-op profile of config M")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-op profile")
+    ap.add_argument("--profile-config", default="M", help="config to profile per op (default M)")
     ap.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     ap.add_argument("--worker", choices=["tinylm", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["train", "gen"], default="train", help=argparse.SUPPRESS)
@@ -532,7 +533,7 @@ def main(argv=None) -> int:
             for r in range(args.rounds):  # alternate the two, so a burst of load hits both alike
                 print(f"{name} round {r + 1}/{args.rounds}: tinylm ...", end=" ", flush=True)
                 runs["tinylm"].append(run_worker("tinylm", name, "train", args, init_dir,
-                                                 name == "M" and not args.no_profile and r == 0))
+                                                 name == args.profile_config.upper() and not args.no_profile and r == 0))
                 print(f"{runs['tinylm'][-1]['step'] * 1e3:,.0f} ms/step", end="", flush=True)
                 if have_torch:
                     print("; PyTorch ...", end=" ", flush=True)
@@ -556,7 +557,7 @@ def main(argv=None) -> int:
 
     print_train_table(rows)
     for name, ours, theirs in rows:
-        if name == "M" or len(rows) == 1:
+        if name in ("M", args.profile_config.upper()) or len(rows) == 1:
             print_parts(name, ours, theirs)
         if "profile" in ours:
             print_profile(name, ours["profile"])

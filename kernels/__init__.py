@@ -8,16 +8,14 @@ variant against the reference and times it.
 Dispatch: ``kernels.get(op, *arrays)`` picks the backend from the array type (CuPy -> "gpu",
 NumPy -> "cpu"); ``TINYLM_KERNELS=ref`` forces the NumPy references everywhere.
 """
-import os as _os
-
-# Numba's OpenMP workers spin after each parallel kernel by default, and so do OpenBLAS's
-# threads after each GEMM; a model alternates the two, so on 2 cores each pool's spinning
-# starves the other. Measured here (2 cores, M config): KV-cache generation 7.6 -> 224 tokens/s,
-# training step S 426 -> 230 ms, M 2189 -> 1942 ms with passive waiting. Set here, before Numba
-# loads the OpenMP runtime (at the first parallel launch), so `import tinylm` (which imports
-# kernels) and standalone kernel use both get it; a user's own value wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from kernels.registry import available, backend_of, get, register  # noqa: E402
+# Threads, and why no OMP_WAIT_POLICY is set here any more: Numba's OpenMP workers spin for a
+# moment after each parallel kernel (libgomp's default), and so do OpenBLAS's own threads after
+# each GEMM, for longer. When tinylm's GEMMs ran on OpenBLAS's pool, each pool's spinning took a
+# core from the other on 2-core machines, and OMP_WAIT_POLICY=PASSIVE was the fix then. Now every
+# tinylm GEMM runs inside Numba's threads as single-threaded BLAS calls (kernels/matmul.py, "cpu";
+# attention's "cpu_gemm"), OpenBLAS's pool stays idle, and passive waiting only added its wake-up
+# latency (0.1-0.4 ms per parallel kernel) to every op: measured at config S (2 cores), 128 ->
+# 118 ms per training step and KV-cache generation at M 84 -> 122 tokens/s with libgomp's default.
+from kernels.registry import available, backend_of, get, register
 
 __all__ = ["available", "backend_of", "get", "register"]

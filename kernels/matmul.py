@@ -3,7 +3,12 @@
 Shapes: a (M, K), b (K, N), c (M, N).
 
 Variants:
-- "ref" and "cpu": ``np.matmul`` (OpenBLAS here): the registered default on the CPU.
+- "ref": ``np.matmul`` (OpenBLAS here, threaded by OpenBLAS).
+- "cpu": the same BLAS GEMM threaded by Numba: one block of C per thread, each a
+  single-threaded GEMM call (why: the section "cpu" below). The registered default on the CPU;
+  ``tinylm.functional.linear`` and ``tinylm.ops.matmul`` call it. Falls back to ``np.matmul``
+  for what it does not cover (batched or non-BLAS strides, integer dtypes, BLAS other than
+  OpenBLAS).
 - "cpu_numba": a hand-written blocked Numba kernel, kept for study and as a benchmark baseline.
   Row blocks of a (MB rows) are the parallel unit, so each thread owns its rows of c; inside,
   a K-block of a's row times a contiguous row-segment of b accumulates into c's row-segment,
@@ -28,8 +33,9 @@ Version log (python -m kernels.matmul: (2048, 384) @ (384, 1536) float32, 2 thre
 from __future__ import annotations
 
 import numpy as np
-from numba import float64, njit, prange
+from numba import float64, get_num_threads, njit, prange
 
+from kernels._blas import blas_single_threaded, gemm_for
 from kernels._common import FASTMATH, array_module, load_cuda, main_check
 from kernels.registry import register
 
@@ -41,7 +47,59 @@ def matmul_ref(a, b):  # (M,K), (K,N) -> (M,N)
     return array_module(a).matmul(a, b)
 
 
-register("matmul", "cpu")(matmul_ref)
+# ---------------------------------------------------------------------------------------------
+# Numba CPU + BLAS, "cpu" (the default): the same OpenBLAS GEMM, but threaded by Numba. C is cut
+# into one block of rows (or of columns, when it is wider than tall) per Numba thread, and each
+# thread calls single-threaded GEMM on its block (kernels/_blas.py). Why not let OpenBLAS
+# thread it: after each call OpenBLAS's workers spin for a while (OPENBLAS_THREAD_TIMEOUT,
+# fixed when NumPy loads the library), and the Numba kernel that follows a GEMM in a model
+# (attention, GELU, layernorm) then shares its cores with a spinning thread: attention ran 1.7-2x
+# slower right after a GEMM than alone (v1 of this section in the log). With every tinylm GEMM
+# threaded by Numba (whose OpenMP workers wait passively), OpenBLAS's pool never starts.
+
+@njit(cache=True, parallel=True)
+def _gemm_split(gemm, ta, tb, M, N, K, one, zero, A, lda, B, ldb, C, ldc, isz, nchunk, by_rows):
+    for c in prange(nchunk):
+        if by_rows:  # rows i0:i1 of C need rows i0:i1 of op(A)
+            i0, i1 = M * c // nchunk, M * (c + 1) // nchunk
+            aoff = (i0 * lda if ta == 111 else i0) * isz
+            gemm(101, ta, tb, i1 - i0, N, K, one, A + aoff, lda, B, ldb, zero, C + i0 * ldc * isz, ldc)
+        else:  # columns j0:j1 of C need columns j0:j1 of op(B)
+            j0, j1 = N * c // nchunk, N * (c + 1) // nchunk
+            boff = (j0 if tb == 111 else j0 * ldb) * isz
+            gemm(101, ta, tb, M, j1 - j0, K, one, A, lda, B + boff, ldb, zero, C + j0 * isz, ldc)
+
+
+def _blas_layout(x):
+    """(CBLAS transpose flag, leading dimension) of a 2-D array read row-major, or None."""
+    isz = x.itemsize
+    r, c = x.shape
+    s0, s1 = x.strides
+    if (s1 == isz or c == 1) and s0 % isz == 0 and s0 // isz >= max(1, c):
+        return 111, s0 // isz  # rows contiguous: as is
+    if (s0 == isz or r == 1) and s1 % isz == 0 and s1 // isz >= max(1, r):
+        return 112, s1 // isz  # columns contiguous: the transpose of a row-major array
+    return None
+
+
+def matmul_cpu(a, b):  # (M,K), (K,N) -> (M,N)
+    gemm = gemm_for(a.dtype) if a.dtype == b.dtype and a.ndim == b.ndim == 2 else None
+    la, lb = (_blas_layout(a), _blas_layout(b)) if gemm is not None else (None, None)
+    M, K = a.shape[0], a.shape[-1]
+    N = b.shape[-1]
+    if la is None or lb is None or 0 in (M, N, K) or not (a.flags.aligned and b.flags.aligned):
+        return np.matmul(a, b)  # other dtypes, strides or BLAS vendors: NumPy's own path
+    c = np.empty((M, N), dtype=a.dtype)
+    by_rows = M >= N
+    nchunk = max(1, min(get_num_threads(), M if by_rows else N))
+    one, zero = a.dtype.type(1), a.dtype.type(0)
+    with blas_single_threaded():
+        _gemm_split(gemm, la[0], lb[0], M, N, K, one, zero, a.ctypes.data, la[1], b.ctypes.data,
+                    lb[1], c.ctypes.data, N, a.itemsize, nchunk, by_rows)
+    return c
+
+
+register("matmul", "cpu")(matmul_cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +200,7 @@ def gpu_kernels_for_ptx():
     return [("matmul_gpu_numba", _matmul_gpu_kernel, void(m, m, m))]
 
 
-VARIANTS = {"matmul": {"ref": matmul_ref, "cpu": matmul_ref, "cpu_numba": matmul_cpu_numba,
+VARIANTS = {"matmul": {"ref": matmul_ref, "cpu": matmul_cpu, "cpu_numba": matmul_cpu_numba,
                        "gpu": matmul_gpu, "gpu_numba": matmul_gpu_numba}}
 
 

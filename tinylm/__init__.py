@@ -3,12 +3,14 @@
 Start reading at ``tinylm/tensor.py`` (the engine), then ``tinylm/ops.py`` (primitive ops),
 ``tinylm/functional.py`` (fused LLM ops) and ``kernels/`` (how they are computed).
 """
+from tinylm import _malloc
 from tinylm._version import __version__
 from tinylm import functional
 from tinylm.gradcheck import GradcheckError, gradcheck
 from tinylm.tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
 
 F = functional
+_malloc.tune()  # keep freed activations' memory mapped for the next step (see tinylm/_malloc.py)
 
 
 def set_num_threads(n: int) -> int:

@@ -32,7 +32,7 @@ class Linear(Function):
     def forward(self, x, w, b=None):  # (..., C_in), (C_in, C_out), (C_out,) -> (..., C_out)
         self.x, self.w, self.has_bias = x, w, b is not None
         # one (N, C_in) @ (C_in, C_out) GEMM rather than NumPy's loop of per-batch GEMMs
-        out = (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[1],))
+        out = _k("matmul", x)(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[1],))
         if b is not None:
             out += b
         return out
@@ -42,9 +42,10 @@ class Linear(Function):
         c_in, c_out = self.w.shape
         x2 = self.x.reshape(-1, c_in)
         d2 = dout.reshape(-1, c_out)
+        mm = _k("matmul", d2)
         # out = x @ w + b
-        dx = (d2 @ self.w.T).reshape(self.x.shape) if self.needs_grad[0] else None  # d/dx = dout w^T
-        dw = x2.T @ d2 if self.needs_grad[1] else None  # d/dw = x^T dout, summed over rows
+        dx = mm(d2, self.w.T).reshape(self.x.shape) if self.needs_grad[0] else None  # d/dx = dout w^T
+        dw = mm(x2.T, d2) if self.needs_grad[1] else None  # d/dw = x^T dout, summed over rows
         if not self.has_bias:
             return dx, dw
         db = d2.sum(axis=0) if self.needs_grad[2] else None  # d/db = sum of dout over rows

@@ -16,6 +16,7 @@ import numbers
 
 import numpy as np
 
+import kernels
 from tinylm.backend import scatter_add, xp_of
 from tinylm.tensor import Function, Tensor
 
@@ -219,12 +220,19 @@ def index(a: Tensor, idx) -> Tensor:
     return Index.apply(a, index=idx)
 
 
+def _mm(a, b):
+    """a @ b; 2-D products go through the matmul kernel (BLAS threaded by Numba on the CPU)."""
+    if a.ndim == 2 and b.ndim == 2:
+        return kernels.get("matmul", a, b)(a, b)
+    return a @ b
+
+
 class MatMul(Function):
     """``a @ b`` with NumPy's rules: batch dimensions broadcast; a 1-D operand is a vector."""
 
     def forward(self, a, b):
         self.a, self.b = a, b
-        return a @ b
+        return _mm(a, b)
 
     def backward(self, dout):
         xp = xp_of(dout)
@@ -243,9 +251,9 @@ class MatMul(Function):
         # out = a @ b  ->  da = dout @ b^T,  db = a^T @ dout
         da = db = None
         if self.needs_grad[0]:
-            da = d2 @ xp.swapaxes(b2, -1, -2)
+            da = _mm(d2, xp.swapaxes(b2, -1, -2))
             da = da.reshape(da.shape[:-2] + (da.shape[-1],)) if a.ndim == 1 else da
         if self.needs_grad[1]:
-            db = xp.swapaxes(a2, -1, -2) @ d2
+            db = _mm(xp.swapaxes(a2, -1, -2), d2)
             db = db.reshape(db.shape[:-2] + (db.shape[-2],)) if b.ndim == 1 else db
         return da, db

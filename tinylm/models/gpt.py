@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+import kernels
 from tinylm import functional as F
 from tinylm.backend import to_device, xp_of
 from tinylm.nn import Embedding, LayerNorm, Linear, Module
@@ -169,8 +170,8 @@ class GPT(Module):
                 y = y.transpose(0, 2, 1, 3).reshape(B, Tn, c.n_embd)
                 x = x + block.attn.c_proj(Tensor(y)).data
                 x = x + block.mlp(block.ln_2(Tensor(x))).data
-            x = self.ln_f(Tensor(x[:, -1:])).data
-            return (x @ self.wte.weight.data.T)[:, 0]
+            x = self.ln_f(Tensor(x[:, -1])).data  # (B, C)
+            return kernels.get("matmul", x)(x, self.wte.weight.data.T)
 
     def _new_cache(self, B: int) -> list:
         c = self.config
