@@ -22,6 +22,12 @@ Variants:
 - "cpu_blas": query tiles of BLAS_BR rows for all heads at once; the products go to BLAS
   (np.matmul), the causal mask, softmax and dS are fused Numba loops. Extra memory: two
   (B*NH, BR, T) tiles, so it grows with T (not T^2), but it is not online-softmax tiling.
+- "cpu_gemm" (the default "cpu"): one head per Numba thread, query tiles of GEMM_BR rows over
+  keys 0..i1; each tile's products are single-threaded BLAS GEMM calls made from inside the
+  kernel (kernels/_blas.py), the softmax and dS loops run on the tile while it is in L2. The
+  backward walks the tiles last to first, so the first GEMM into dk, dv (beta = 0) covers
+  every key and no zeroing pass is needed. Extra memory: two (GEMM_BR, T) tiles per thread.
+  Where NumPy's BLAS is not an OpenBLAS it can call, it runs cpu_blas instead.
 - "gpu": one CUDA thread per query row with the same online softmax (forward), and two
   backward kernels: one thread per query row (dq) and one per key row (dk, dv), so every output
   has one writer (no atomics). Supports hs <= 128 (a per-thread local accumulator).
@@ -70,6 +76,21 @@ jobs during these runs, so only same-run comparisons mean anything):
      slower than PyTorch: target missed. (In one process with torch imported first, cpu_blas
      took 60-90 ms: torch's OpenMP runtime, loaded before tinylm could ask for passive
      waiting, spins.) Much of the earlier swings were the two spinning pools starving each other.
+  v4 cpu_gemm (this session): the products are OpenBLAS GEMM calls made from inside a Numba
+     kernel that runs one head per thread (kernels/_blas.py binds NumPy's own cblas_sgemm),
+     so a head's (64, T) score tile stays in L2 between its GEMM, softmax and P V instead of a
+     (B*NH, 128, T) batched tile going out to memory. fwd/bwd min of 15 in one process, B=8 NH=6
+     T=256 hs=64: query tiles of 32 rows 5.1/10.2 ms, 64: 5.3/9.2, 128: 5.3/11.2, cpu_blas
+     9.2/17.2. Of the 64-row forward, the GEMMs alone take 4.0 ms (126 GFLOP/s on the causal
+     0.625 of the full products). The forward divides each output row by its softmax sum after
+     P V (hs divisions a row instead of T). benchmarks/kernels.py (torch imported first, min of
+     15 round-robin): cpu_gemm 14.0-15.5 ms, PyTorch SDPA 24.6-27.0 ms (0.54-0.63x), ref
+     45.8-48.0 ms (3.0-3.3x). Targets met; "cpu" = cpu_gemm.
+     Found on the way: inside a model, attention took 2x its standalone time because the GEMM
+     just before it left OpenBLAS's worker spinning on the second core (measured: 5.4/9.3 ms
+     standalone, 9.1/17.9 ms right after a (2048,384)@(384,1536) np.matmul, 4.9/10.5 ms after it
+     with OPENBLAS_THREAD_TIMEOUT=4). Hence kernels/matmul.py "cpu": every tinylm GEMM threaded
+     by Numba, OpenBLAS's own pool unused.
   Peak extra memory fwd+bwd at B=1, NH=6, T=2048 (benchmarks/kernels.py): ref 304 MiB,
      cpu_plain 73 MiB, cpu_flash 15.5 MiB (of which 15 MiB are outputs, gradients and K^T/V^T).
 """
@@ -317,7 +338,7 @@ FLASH_BR, FLASH_BC = 64, 64  # tiles: 64 keys x 64 hs x 4 B = 16 KiB of K or V, 
 
 def attention_fwd_cpu_plain(q, k, v):
     B, NH, T, hs = q.shape
-    out = np.empty_like(q)
+    out = np.empty(q.shape, dtype=q.dtype)  # C order whatever q's strides: reshaped below
     lse = np.empty((B, NH, T), dtype=q.dtype)
     _attn_fwd_plain(_heads(q), _transposed(_heads(k)), _heads(v), q.dtype.type(1 / math.sqrt(hs)),
                     out.reshape(B * NH, T, hs), lse.reshape(B * NH, T))
@@ -326,7 +347,7 @@ def attention_fwd_cpu_plain(q, k, v):
 
 def attention_fwd_cpu_flash(q, k, v, *, br=None, bc=None):  # tiles: keyword-only, for tests
     B, NH, T, hs = q.shape
-    out = np.empty_like(q)
+    out = np.empty(q.shape, dtype=q.dtype)  # C order whatever q's strides: reshaped below
     lse = np.empty((B, NH, T), dtype=q.dtype)
     _attn_fwd_flash(_heads(q), _transposed(_heads(k)), _heads(v), q.dtype.type(1 / math.sqrt(hs)),
                     out.reshape(B * NH, T, hs), lse.reshape(B * NH, T), br or FLASH_BR, bc or FLASH_BC)
@@ -336,7 +357,7 @@ def attention_fwd_cpu_flash(q, k, v, *, br=None, bc=None):  # tiles: keyword-onl
 def _bwd_args(dout, q, k, v, out, lse):
     B, NH, T, hs = q.shape
     k3, v3 = _heads(k), _heads(v)
-    grads = tuple(np.empty_like(q) for _ in range(3))
+    grads = tuple(np.empty(q.shape, dtype=q.dtype) for _ in range(3))
     args = (_heads(dout), _heads(q), k3, _transposed(k3), v3, _transposed(v3), _heads(out),
             np.ascontiguousarray(lse).reshape(B * NH, T), q.dtype.type(1 / math.sqrt(hs)))
     return args, grads, tuple(g.reshape(B * NH, T, hs) for g in grads)
@@ -463,25 +484,34 @@ def attention_bwd_cpu_blas(dout, q, k, v, out, lse, *, br=None):
 # GEMM_BR rows (keys 0..i1 only) the products are BLAS GEMM calls made from inside the kernel
 # (kernels/_blas.py), the softmax / dS loops run on the tile while it is still in L2.
 # Extra memory: two (GEMM_BR, T) tiles per thread.
-# gemm: the CBLAS ctypes function (an argument, so the kernel stays cacheable); one, zero: 1, 0
-# in the arrays' dtype (the GEMM's alpha/beta type).
+# The (B, NH, T, hs) arrays may be strided views (unit stride along hs): a GEMM reads a head's
+# rows with its leading dimension, so q, k, v can be views into a fused (B, T, 3C) projection
+# and out, dout, dq, dk, dv views into (B, T, C) / (B, T, 3C) arrays, with no copies.
+# gemm: the CBLAS ctypes function (an argument, so the kernel stays cacheable).
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _ld(x):  # leading dimension (elements between rows t and t+1) of a (B, NH, T, hs) view
+    return x.strides[2] // x.itemsize
+
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _attn_fwd_gemm(gemm, q, k, v, scale, out, lse, BR):  # (BH,T,hs) x3 -> out, lse
-    BH, T, hs = q.shape
+def _attn_fwd_gemm(gemm, q, k, v, scale, out, lse, BR):  # (B,NH,T,hs) x3 -> out, lse (B,NH,T)
+    B, NH, T, hs = q.shape
     isz = q.itemsize
+    lq, lk, lv, lo = _ld(q), _ld(k), _ld(v), _ld(out)
     zero = scale - scale
     one = scale / scale
-    for h in prange(BH):
+    for u in prange(B * NH):
+        b, h = u // NH, u % NH
         S = np.empty((BR, T), dtype=q.dtype)
         tots = np.empty(BR, dtype=q.dtype)
         sa = S.ctypes.data
-        qa, ka, va, oa = q[h].ctypes.data, k[h].ctypes.data, v[h].ctypes.data, out[h].ctypes.data
+        qa, ka, va, oa = q[b, h].ctypes.data, k[b, h].ctypes.data, v[b, h].ctypes.data, out[b, h].ctypes.data
         for i0 in range(0, T, BR):
             R = min(BR, T - i0)
             n = i0 + R
             # S (R, n) = scale * Q[i0:n] K[:n]^T
-            gemm(101, 111, 112, R, n, hs, scale, qa + i0 * hs * isz, hs, ka, hs, zero, sa, T)
+            gemm(101, 111, 112, R, n, hs, scale, qa + i0 * lq * isz, lq, ka, lk, zero, sa, T)
             for r in range(R):
                 row = S[r]
                 c = i0 + r + 1  # causal: keys 0..i0+r
@@ -492,12 +522,12 @@ def _attn_fwd_gemm(gemm, q, k, v, scale, out, lse, BR):  # (BH,T,hs) x3 -> out, 
                 tots[r] = tot
                 for j in range(c, n):  # masked keys: exactly 0 so P V ignores them
                     row[j] = 0
-                lse[h, i0 + r] = m + np.log(tot)
+                lse[b, h, i0 + r] = m + np.log(tot)
             # out[i0:n] (R, hs) = exp(S - m) (R, n) V[:n], then each row / its sum: P V with
             # hs divisions per row instead of n
-            gemm(101, 111, 111, R, hs, n, one, sa, T, va, hs, zero, oa + i0 * hs * isz, hs)
+            gemm(101, 111, 111, R, hs, n, one, sa, T, va, lv, zero, oa + i0 * lo * isz, lo)
             for r in range(R):
-                orow = out[h, i0 + r]
+                orow = out[b, h, i0 + r]
                 inv = 1 / tots[r]
                 for d in range(hs):
                     orow[d] *= inv
@@ -505,31 +535,33 @@ def _attn_fwd_gemm(gemm, q, k, v, scale, out, lse, BR):  # (BH,T,hs) x3 -> out, 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
 def _attn_bwd_gemm(gemm, dout, q, k, v, out, lse, scale, dq, dk, dv, BR):
-    BH, T, hs = q.shape
+    B, NH, T, hs = q.shape
     isz = q.itemsize
+    lq, lk, lv, ld_ = _ld(q), _ld(k), _ld(v), _ld(dout)
+    lgq, lgk, lgv = _ld(dq), _ld(dk), _ld(dv)
     zero = scale - scale
     one = scale / scale
-    for h in prange(BH):
+    for u in prange(B * NH):
+        b, h = u // NH, u % NH
         S = np.empty((BR, T), dtype=q.dtype)
         dP = np.empty((BR, T), dtype=q.dtype)
         sa, pa = S.ctypes.data, dP.ctypes.data
-        qa, ka, va = q[h].ctypes.data, k[h].ctypes.data, v[h].ctypes.data
-        da, dqa, dka, dva = dout[h].ctypes.data, dq[h].ctypes.data, dk[h].ctypes.data, dv[h].ctypes.data
+        qa, ka, va, da = q[b, h].ctypes.data, k[b, h].ctypes.data, v[b, h].ctypes.data, dout[b, h].ctypes.data
+        dqa, dka, dva = dq[b, h].ctypes.data, dk[b, h].ctypes.data, dv[b, h].ctypes.data
         # last tile first: it covers every key, so its beta = 0 initialises all of dk, dv
         first = True
         for i0 in range((T - 1) // BR * BR, -1, -BR):
             R = min(BR, T - i0)
             n = i0 + R
-            off = i0 * hs * isz
-            gemm(101, 111, 112, R, n, hs, scale, qa + off, hs, ka, hs, zero, sa, T)  # S
-            gemm(101, 111, 112, R, n, hs, one, da + off, hs, va, hs, zero, pa, T)    # dP = dout V^T
+            gemm(101, 111, 112, R, n, hs, scale, qa + i0 * lq * isz, lq, ka, lk, zero, sa, T)  # S
+            gemm(101, 111, 112, R, n, hs, one, da + i0 * ld_ * isz, ld_, va, lv, zero, pa, T)  # dP = dout V^T
             for r in range(R):
                 i = i0 + r
                 c = i + 1
                 row = S[r]
                 drow = dP[r]
-                l = lse[h, i]
-                Di = _dot(dout[h, i], out[h, i])
+                l = lse[b, h, i]
+                Di = _dot(dout[b, h, i], out[b, h, i])
                 for j in range(c):
                     p = fexp(row[j] - l)  # P = exp(S - lse), recomputed
                     row[j] = p
@@ -539,9 +571,9 @@ def _attn_bwd_gemm(gemm, dout, q, k, v, out, lse, scale, dq, dk, dv, BR):
                     drow[j] = 0
             beta = zero if first else one
             first = False
-            gemm(101, 111, 111, R, hs, n, one, pa, T, ka, hs, zero, dqa + off, hs)   # dQ = dS K
-            gemm(101, 112, 111, n, hs, R, one, pa, T, qa + off, hs, beta, dka, hs)   # dK += dS^T Q
-            gemm(101, 112, 111, n, hs, R, one, sa, T, da + off, hs, beta, dva, hs)   # dV += P^T dout
+            gemm(101, 111, 111, R, hs, n, one, pa, T, ka, lk, zero, dqa + i0 * lgq * isz, lgq)  # dQ = dS K
+            gemm(101, 112, 111, n, hs, R, one, pa, T, qa + i0 * lq * isz, lq, beta, dka, lgk)    # dK += dS^T Q
+            gemm(101, 112, 111, n, hs, R, one, sa, T, da + i0 * ld_ * isz, ld_, beta, dva, lgv)  # dV += P^T dout
 
 
 GEMM_BR = 64  # query rows per tile (see the version log)
@@ -552,33 +584,46 @@ def _gemm_or_none(q):
     return gemm_for(q.dtype)
 
 
+def _rows_view(x):
+    """x itself if a GEMM can read its (T, hs) head matrices (unit stride along hs, rows at a
+    positive multiple of the item size), else a contiguous copy."""
+    st = x.strides
+    ok = st[3] == x.itemsize and st[2] % x.itemsize == 0 and st[2] >= x.itemsize * max(1, x.shape[3])
+    return x if ok and x.flags.aligned else np.ascontiguousarray(x)
+
+
 def attention_fwd_cpu_gemm(q, k, v, *, br=None):
+    """out is returned as a (B, NH, T, hs) view of a (B, T, NH, hs) array: merging the heads
+    back to (B, T, C) is then a free reshape."""
     gemm = _gemm_or_none(q)
     if gemm is None:  # no OpenBLAS GEMM to call from Numba (MKL, Accelerate): batched matmul
         return attention_fwd_cpu_blas(q, k, v)
     from kernels._blas import blas_single_threaded  # noqa: PLC0415
     B, NH, T, hs = q.shape
-    q3, k3, v3 = _heads(q), _heads(k), _heads(v)
-    out = np.empty_like(q3)
-    lse = np.empty((B * NH, T), dtype=q.dtype)
+    out = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)
+    lse = np.empty((B, NH, T), dtype=q.dtype)
     with blas_single_threaded():
-        _attn_fwd_gemm(gemm, q3, k3, v3, q.dtype.type(1 / math.sqrt(hs)), out, lse, br or GEMM_BR)
-    return out.reshape(q.shape), lse.reshape(B, NH, T)
+        _attn_fwd_gemm(gemm, _rows_view(q), _rows_view(k), _rows_view(v),
+                       q.dtype.type(1 / math.sqrt(hs)), out, lse, br or GEMM_BR)
+    return out, lse
 
 
 def attention_bwd_cpu_gemm(dout, q, k, v, out, lse, *, br=None):
+    """dq, dk, dv are returned as (B, NH, T, hs) views of one (B, T, 3, NH, hs) array, the
+    layout of the gradient of a fused qkv projection (tinylm.functional.AttentionQKV uses it
+    as is)."""
     gemm = _gemm_or_none(q)
     if gemm is None:
         return attention_bwd_cpu_blas(dout, q, k, v, out, lse)
     from kernels._blas import blas_single_threaded  # noqa: PLC0415
     B, NH, T, hs = q.shape
-    q3, k3, v3, do3, o3 = (_heads(x) for x in (q, k, v, dout, out))
-    l3 = np.ascontiguousarray(lse).reshape(B * NH, T)
-    dq, dk, dv = np.empty_like(q3), np.empty_like(q3), np.empty_like(q3)
+    g = np.empty((B, T, 3, NH, hs), dtype=q.dtype)
+    dq, dk, dv = (g[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     with blas_single_threaded():
-        _attn_bwd_gemm(gemm, do3, q3, k3, v3, o3, l3, q.dtype.type(1 / math.sqrt(hs)), dq, dk, dv,
-                       br or GEMM_BR)
-    return dq.reshape(q.shape), dk.reshape(q.shape), dv.reshape(q.shape)
+        _attn_bwd_gemm(gemm, _rows_view(dout), _rows_view(q), _rows_view(k), _rows_view(v),
+                       _rows_view(out), np.ascontiguousarray(lse), q.dtype.type(1 / math.sqrt(hs)),
+                       dq, dk, dv, br or GEMM_BR)
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,7 +742,7 @@ def _gpu_grid(n):
 def attention_fwd_gpu(q, k, v):
     xp = array_module(q)
     B, NH, T, hs = q.shape
-    out = xp.empty_like(q)
+    out = xp.empty(q.shape, dtype=q.dtype)  # C order whatever q's strides: reshaped below
     lse = xp.empty((B, NH, T), dtype=q.dtype)
     _gpu()["fwd"][_gpu_grid(B * NH * T)](_gpu_heads(q), _gpu_heads(k), _gpu_heads(v),
                                          1 / math.sqrt(hs), out.reshape(B * NH, T, hs),
@@ -711,7 +756,7 @@ def attention_bwd_gpu(dout, q, k, v, out, lse):
     B, NH, T, hs = q.shape
     a = [_gpu_heads(x) for x in (dout, q, k, v, out)]
     l3 = xp.ascontiguousarray(lse).reshape(B * NH, T)
-    dq, dk, dv = (xp.empty_like(q) for _ in range(3))
+    dq, dk, dv = (xp.empty(q.shape, dtype=q.dtype) for _ in range(3))
     D = xp.empty((B * NH, T), dtype=q.dtype)
     scale = 1 / math.sqrt(hs)
     g = _gpu_grid(B * NH * T)

@@ -81,6 +81,7 @@ def _gelu_bwd_cpu(dout, x, dx, s, k):  # (n,) x3 flat
 
 @register("gelu_fwd", "cpu")
 def gelu_fwd_cpu(x):
+    x = np.ascontiguousarray(x)
     out = np.empty_like(x)
     # ravel() here, never reshape inside the kernel: PERF-NOTES saw a parallel loop skip its
     # body when the kernel reshaped its argument
@@ -90,6 +91,7 @@ def gelu_fwd_cpu(x):
 
 @register("gelu_bwd", "cpu")
 def gelu_bwd_cpu(dout, x):
+    x = np.ascontiguousarray(x)
     dx = np.empty_like(x)
     _gelu_bwd_cpu(np.ascontiguousarray(dout).ravel(), x.ravel(), dx.ravel(),
                   x.dtype.type(GELU_S), x.dtype.type(GELU_K))
@@ -134,6 +136,7 @@ def _grid(n):
 @register("gelu_fwd", "gpu")
 def gelu_fwd_gpu(x):
     xp = array_module(x)
+    x = xp.ascontiguousarray(x)
     out = xp.empty_like(x)
     _gpu()["fwd"][_grid(x.size)](x.ravel(), out.ravel(), GELU_S, GELU_K)
     return out
@@ -142,6 +145,7 @@ def gelu_fwd_gpu(x):
 @register("gelu_bwd", "gpu")
 def gelu_bwd_gpu(dout, x):
     xp = array_module(x)
+    x = xp.ascontiguousarray(x)
     dx = xp.empty_like(x)
     _gpu()["bwd"][_grid(x.size)](xp.ascontiguousarray(dout).ravel(), x.ravel(), dx.ravel(),
                                  GELU_S, GELU_K)

@@ -165,3 +165,33 @@ def test_matmul(name, dt, M, K, N, seed):
     rng = np.random.default_rng(seed)
     a, b = rand(rng, (M, K), dt), rand(rng, (K, N), dt)
     assert_close(matmul.VARIANTS["matmul"][name](a, b), matmul.matmul_ref(a, b), dt, scale=K ** 0.5)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("name", variants(attention, "attention_fwd"))
+@given(B=st.integers(1, 2), NH=st.integers(1, 3), T=st.integers(1, 20), hs=st.integers(1, 9),
+       seed=seeds)
+def test_attention_strided_views(name, dt, B, NH, T, hs, seed):
+    """q, k, v as views into a fused (B, T, 3, NH, hs) projection and dout as a view into
+    (B, T, NH, hs), the way tinylm.functional.attention_qkv passes them (no copies)."""
+    rng = np.random.default_rng(seed)
+    heads = rand(rng, (B, T, 3, NH, hs), dt, 2).transpose(2, 0, 3, 1, 4)
+    q, k, v = heads[0], heads[1], heads[2]
+    d = rand(rng, (B, T, NH, hs), dt).transpose(0, 2, 1, 3)
+    want = attention.attention_fwd_ref(q, k, v)
+    got = attention.VARIANTS["attention_fwd"][name](q, k, v)
+    for g, r in zip(got, want):
+        assert_close(g, r, dt)
+    want_b = attention.attention_bwd_ref(d, q, k, v, *want)
+    for g, r in zip(attention.VARIANTS["attention_bwd"][name](d, q, k, v, *got), want_b):
+        assert_close(g, r, dt)
+
+
+@pytest.mark.parametrize("name", variants(gelu, "gelu_fwd"))
+def test_gelu_strided_and_transposed(name):
+    rng = np.random.default_rng(7)
+    base = rand(rng, (6, 10), np.float64, 5)
+    for x in (base.T, base[:, ::3], base[::2]):
+        d = rand(rng, x.shape, np.float64)
+        assert_close(gelu.VARIANTS["gelu_fwd"][name](x), gelu.gelu_fwd_ref(x), np.float64)
+        assert_close(gelu.VARIANTS["gelu_bwd"][name](d, x), gelu.gelu_bwd_ref(d, x), np.float64)

@@ -273,24 +273,44 @@ class AttentionQKV(Function):
         B, T, C3 = qkv.shape
         C = C3 // 3
         self.n_head = n_head
-        # (B, T, 3, NH, hs) -> (3, B, NH, T, hs)
+        # (B, T, 3, NH, hs) -> (3, B, NH, T, hs): views; a kernel that needs contiguous heads
+        # copies them itself (the CPU default reads the strided rows in place)
         heads = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)
-        q, k, v = (_contig(xp, heads[i]) for i in range(3))
+        q, k, v = heads[0], heads[1], heads[2]
         out, self.lse = _k("attention_fwd", q)(q, k, v)
         self.q, self.k, self.v, self.out = q, k, v, out
-        return _contig(xp, out.transpose(0, 2, 1, 3)).reshape(B, T, C)  # (B, NH, T, hs) -> (B, T, C)
+        # (B, NH, T, hs) -> (B, T, C): free when the kernel wrote out in (B, T, NH, hs) order
+        return _contig(xp, out.transpose(0, 2, 1, 3)).reshape(B, T, C)
 
     def backward(self, dout):  # (B, T, C)
         xp = xp_of(dout)
         B, T, C = dout.shape
         hs = C // self.n_head
         # out = merge(y): undo the merge, then the attention backward, then the split
-        dy = _contig(xp, dout.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3))
+        dy = dout.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)
         dq, dk, dv = _k("attention_bwd", dy)(dy, self.q, self.k, self.v, self.out, self.lse)
-        dqkv = xp.empty((B, T, 3, self.n_head, hs), dtype=dout.dtype)
-        for i, d in enumerate((dq, dk, dv)):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        dqkv = _qkv_grad_buffer(dq, dk, dv)  # the CPU default already wrote them as (B, T, 3C)
+        if dqkv is None:
+            dqkv = xp.empty((B, T, 3, self.n_head, hs), dtype=dout.dtype)
+            for i, d in enumerate((dq, dk, dv)):
+                dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
         return (dqkv.reshape(B, T, 3 * C),)
+
+
+def _qkv_grad_buffer(dq, dk, dv):
+    """The (B, T, 3, NH, hs) array that dq, dk, dv (B, NH, T, hs) are views of, in that order
+    (as kernels.attention's cpu_gemm returns them), or None: the caller then merges them itself."""
+    g = dq.base
+    if g is None or dk.base is not g or dv.base is not g or g.ndim != 5 or not g.flags.c_contiguous:
+        return None
+    B, NH, T, hs = dq.shape
+    if g.shape != (B, T, 3, NH, hs):
+        return None
+    base = g.__array_interface__["data"][0]
+    for i, d in enumerate((dq, dk, dv)):
+        if d.__array_interface__["data"][0] != base + i * NH * hs * g.itemsize:
+            return None
+    return g
 
 
 def attention_qkv(qkv: Tensor, n_head: int) -> Tensor:
