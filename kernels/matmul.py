@@ -2,6 +2,10 @@
 
 Shapes: a (M, K), b (K, N), c (M, N).
 
+Two ops: ``matmul(a, b) -> c`` and ``matmul_acc(a, b, c)``: c += a @ b in place (GEMM with
+beta = 1). The second is how a Linear's weight gradient lands straight in the optimizer's
+gradient buffer (tinylm.tensor, "gradient sinks") with no (C_in, C_out) temporary.
+
 Variants:
 - "ref": ``np.matmul`` (OpenBLAS here, threaded by OpenBLAS).
 - "cpu": the same BLAS GEMM threaded by Numba: one block of C per thread, each a
@@ -82,24 +86,47 @@ def _blas_layout(x):
     return None
 
 
-def matmul_cpu(a, b):  # (M,K), (K,N) -> (M,N)
-    gemm = gemm_for(a.dtype) if a.dtype == b.dtype and a.ndim == b.ndim == 2 else None
-    la, lb = (_blas_layout(a), _blas_layout(b)) if gemm is not None else (None, None)
-    M, K = a.shape[0], a.shape[-1]
-    N = b.shape[-1]
-    if la is None or lb is None or 0 in (M, N, K) or not (a.flags.aligned and b.flags.aligned):
-        return np.matmul(a, b)  # other dtypes, strides or BLAS vendors: NumPy's own path
-    c = np.empty((M, N), dtype=a.dtype)
+def _gemm_into(a, b, c, beta) -> bool:
+    """c = a @ b + beta c through _gemm_split; False (c untouched) where it does not apply."""
+    gemm = gemm_for(a.dtype) if a.dtype == b.dtype == c.dtype and a.ndim == b.ndim == 2 else None
+    if gemm is None:
+        return False
+    la, lb, lc = _blas_layout(a), _blas_layout(b), _blas_layout(c)
+    M, K = a.shape
+    N = b.shape[1]
+    if (la is None or lb is None or lc is None or lc[0] != 111 or 0 in (M, N, K)
+            or not (a.flags.aligned and b.flags.aligned and c.flags.aligned and c.flags.writeable)):
+        return False  # other dtypes, strides or BLAS vendors: the caller uses NumPy's own path
     by_rows = M >= N
     nchunk = max(1, min(get_num_threads(), M if by_rows else N))
-    one, zero = a.dtype.type(1), a.dtype.type(0)
     with blas_single_threaded():
-        _gemm_split(gemm, la[0], lb[0], M, N, K, one, zero, a.ctypes.data, la[1], b.ctypes.data,
-                    lb[1], c.ctypes.data, N, a.itemsize, nchunk, by_rows)
-    return c
+        _gemm_split(gemm, la[0], lb[0], M, N, K, a.dtype.type(1), a.dtype.type(beta),
+                    a.ctypes.data, la[1], b.ctypes.data, lb[1], c.ctypes.data, lc[1], a.itemsize,
+                    nchunk, by_rows)
+    return True
+
+
+def matmul_cpu(a, b):  # (M,K), (K,N) -> (M,N)
+    if a.ndim == b.ndim == 2 and a.dtype == b.dtype:
+        c = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        if _gemm_into(a, b, c, 0):
+            return c
+    return np.matmul(a, b)
+
+
+@register("matmul_acc", "ref")
+def matmul_acc_ref(a, b, c):  # c (M,N) += a (M,K) @ b (K,N), in place
+    c += a @ b
+
+
+@register("matmul_acc", "cpu")
+def matmul_acc_cpu(a, b, c):
+    if not _gemm_into(a, b, c, 1):
+        c += np.matmul(a, b)
 
 
 register("matmul", "cpu")(matmul_cpu)
+register("matmul_acc", "gpu")(matmul_acc_ref)  # cuBLAS product, then one add
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,11 +228,14 @@ def gpu_kernels_for_ptx():
 
 
 VARIANTS = {"matmul": {"ref": matmul_ref, "cpu": matmul_cpu, "cpu_numba": matmul_cpu_numba,
-                       "gpu": matmul_gpu, "gpu_numba": matmul_gpu_numba}}
+                       "gpu": matmul_gpu, "gpu_numba": matmul_gpu_numba},
+            "matmul_acc": {"ref": matmul_acc_ref, "cpu": matmul_acc_cpu, "gpu": matmul_acc_ref}}
 
 
 if __name__ == "__main__":
     rng = np.random.default_rng(0)
     a_ = rng.standard_normal((2048, 384)).astype(np.float32)  # B*T x C
     b_ = rng.standard_normal((384, 1536)).astype(np.float32)  # C x 4C (MLP up-projection)
-    main_check(VARIANTS, {"matmul": (lambda xp: (xp.asarray(a_), xp.asarray(b_)), ())})
+    c_ = rng.standard_normal((2048, 1536)).astype(np.float32)
+    main_check(VARIANTS, {"matmul": (lambda xp: (xp.asarray(a_), xp.asarray(b_)), ()),
+                          "matmul_acc": (lambda xp: (xp.asarray(a_), xp.asarray(b_), xp.array(c_)), (2,))})

@@ -27,7 +27,7 @@ _FAMILY = {
     "embedding_fwd": "kernels.embedding", "embedding_bwd": "kernels.embedding",
     "adamw_update": "kernels.adamw",
     "sumsq": "kernels.gradnorm",
-    "matmul": "kernels.matmul",
+    "matmul": "kernels.matmul", "matmul_acc": "kernels.matmul",
 }
 
 BACKENDS = ("ref", "cpu", "gpu")

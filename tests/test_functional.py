@@ -107,11 +107,66 @@ def test_linear(n, cin, cout, bias, data):
     assert_same_as_composed(fused, (lambda x, w, b: x @ w + b) if bias else (lambda x, w: x @ w), args)
 
 
+@given(n=side, cin=side, cout=side, bias=st.booleans(), data=st.data())
+def test_linear_t(n, cin, cout, bias, data):
+    x, w, b = data.draw(arr((2, n, cin))), data.draw(arr((cout, cin))), data.draw(arr((cout,)))
+    args = [x, w, b] if bias else [x, w]
+    fused = lambda x, w, b=None: F.linear_t(x, w, b)  # noqa: E731
+    np.testing.assert_allclose(fused(*map(leaf, args)).numpy(), x @ w.T + (b if bias else 0), rtol=1e-12)
+    assert gradcheck(fused, [leaf(a) for a in args])
+    assert_same_as_composed(fused, (lambda x, w, b: x @ w.T + b) if bias else (lambda x, w: x @ w.T), args)
+
+
+@pytest.mark.parametrize("wt", [False, True])
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_linear_weight_gradient_into_existing_grad(wt, dt, monkeypatch):
+    """With .grad already allocated (an optimizer's buffer), Linear adds the weight gradient into
+    it (matmul_acc): the same numbers as the path that returns a fresh gradient, accumulated
+    across backward calls, and the very same array object afterwards."""
+    import kernels
+    from kernels import registry
+    kernels.get("matmul_acc", np.zeros(1))
+    calls = []
+    real = registry._REGISTRY[("matmul_acc", "cpu")]
+    monkeypatch.setitem(registry._REGISTRY, ("matmul_acc", "cpu"),
+                        lambda a, b, c: calls.append(c.shape) or real(a, b, c))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 7)).astype(dt)
+    w = rng.standard_normal((4, 7) if wt else (7, 4)).astype(dt)
+    d = rng.standard_normal((3, 5, 4)).astype(dt)
+    lin = F.linear_t if wt else F.linear
+
+    def grads(prealloc):
+        wt_ = tensor(w, requires_grad=True)
+        xt = tensor(x, requires_grad=True)
+        if prealloc:
+            wt_.grad = np.full(w.shape, 0.5, dtype=dt)
+        buf = wt_.grad
+        for _ in range(2):
+            lin(xt, wt_).backward(d)
+        return wt_.grad, buf, xt.grad
+
+    g_fresh, _, dx_fresh = grads(False)
+    assert calls == [w.shape]  # the second backward found the first one's .grad
+    g_sink, buf, dx_sink = grads(True)
+    assert calls == [w.shape] * 3
+    assert g_sink is buf
+    tol = 1e-5 if dt == np.float32 else 1e-12
+    np.testing.assert_allclose(g_sink, g_fresh + 0.5, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx_sink, dx_fresh, rtol=tol, atol=tol)
+    want = 2 * ((d.reshape(-1, 4).T @ x.reshape(-1, 7)) if wt else (x.reshape(-1, 7).T @ d.reshape(-1, 4)))
+    np.testing.assert_allclose(g_fresh, want, rtol=tol * 10, atol=tol * 10)
+
+
 def test_linear_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"need w of shape \(3, C_out\)"):
         F.linear(tensor(np.ones((2, 3))), tensor(np.ones((4, 5))))
     with pytest.raises(ValueError, match="bias"):
         F.linear(tensor(np.ones((2, 3))), tensor(np.ones((3, 5))), tensor(np.ones(4)))
+    with pytest.raises(ValueError, match=r"need w of shape \(C_out, 3\)"):
+        F.linear_t(tensor(np.ones((2, 3))), tensor(np.ones((3, 5))))
+    with pytest.raises(ValueError, match="bias"):
+        F.linear_t(tensor(np.ones((2, 3))), tensor(np.ones((5, 3))), tensor(np.ones(4)))
 
 
 # ---- layer norm -----------------------------------------------------------------------------

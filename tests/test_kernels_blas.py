@@ -172,3 +172,18 @@ def test_malloc_tuning_is_applied_and_can_be_turned_off():
     code = "import tinylm, tinylm._malloc as m; print(m._done['ok'])"
     assert _tinylm_in_subprocess(code) == "True"
     assert _tinylm_in_subprocess(code, TINYLM_MALLOC_TUNE="0") == "False"
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@given(M=st.integers(1, 60), K=st.integers(1, 30), N=st.integers(1, 60), ka=KINDS, kb=KINDS,
+       kc=st.sampled_from(["c", "wide", "t", "strided"]), seed=seeds)
+def test_matmul_acc_adds_in_place(dt, M, K, N, ka, kb, kc, seed):
+    """c += a @ b into c's own memory, for every layout of c (a transposed or strided c is
+    handed to NumPy's path, which must still write in place)."""
+    rng = np.random.default_rng(seed)
+    a, b, c = _layout(rng, (M, K), ka, dt), _layout(rng, (K, N), kb, dt), _layout(rng, (M, N), kc, dt)
+    want = c + a @ b
+    before = c.__array_interface__["data"][0]
+    matmul.matmul_acc_cpu(a, b, c)
+    assert c.__array_interface__["data"][0] == before
+    close(c, want, dt, scale=K ** 0.5)

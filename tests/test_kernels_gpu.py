@@ -20,6 +20,7 @@ GPU_OPS = [  # (op, variant) of every GPU variant in the VARIANTS tables
     ("cross_entropy_fwd", "gpu"), ("cross_entropy_bwd", "gpu"), ("attention_fwd", "gpu"),
     ("attention_bwd", "gpu"), ("embedding_fwd", "gpu"), ("embedding_bwd", "gpu"),
     ("adamw_update", "gpu"), ("sumsq", "gpu"), ("matmul", "gpu"), ("matmul", "gpu_numba"),
+    ("matmul_acc", "gpu"),
 ]
 PTX_KERNELS = [
     "layernorm_fwd", "layernorm_bwd_dx", "layernorm_bwd_dwdb", "gelu_fwd", "gelu_bwd",

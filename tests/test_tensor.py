@@ -12,6 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 import tinylm
 from tinylm import Function, Tensor, gradcheck, no_grad, tensor
+from tinylm.tensor import ACCUMULATED
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4)
 vals = st.floats(-2, 2, allow_nan=False, width=64)
@@ -188,6 +189,39 @@ def test_backward_twice_accumulates_like_pytorch():
     loss.backward(retain_graph=True)
     loss.backward()
     np.testing.assert_allclose(a.grad, 4 * np.array([1.0, 2.0]) + 6.0)
+
+
+class _Scale3(Function):
+    """y = 3 x; backward adds into the gradient sink when there is one."""
+
+    def forward(self, x):
+        return 3 * x
+
+    def backward(self, dout):
+        sink = self.grad_sink(0)
+        if sink is None:
+            return (3 * dout,)
+        sink += 3 * dout
+        return (ACCUMULATED,)
+
+
+def test_grad_sink_is_the_leaf_grad_and_accumulated_is_not_added_twice():
+    a = leaf([1.0, 2.0])
+    (_Scale3.apply(a) * a).sum().backward()  # first backward: no .grad yet, no sink
+    np.testing.assert_allclose(a.grad, [6.0, 12.0])  # d(3a^2)/da
+    buf = a.grad
+    (_Scale3.apply(a) * a).sum().backward()  # now the sink is a.grad; the Mul path adds 3a
+    assert a.grad is buf
+    np.testing.assert_allclose(a.grad, [12.0, 24.0])
+    b = leaf([1.0, 2.0])
+    for wrong in (np.zeros(3), np.zeros(2, dtype=np.float32)):  # shape or dtype: no sink
+        b.grad = wrong
+        assert _Scale3.apply(b)._node.ctx.grad_sink(0) is None
+    b.grad = np.zeros(2)
+    assert _Scale3.apply(b)._node.ctx.grad_sink(0) is b.grad
+    c = leaf([1.0, 2.0])  # a non-leaf input never offers a sink
+    h = c * 1.0
+    assert _Scale3.apply(h)._node.ctx.grad_sink(0) is None
 
 
 def test_backward_on_freed_graph_raises():

@@ -16,7 +16,7 @@ import numpy as np
 
 import kernels
 from tinylm.backend import is_gpu_array, to_device, xp_of
-from tinylm.tensor import Function, Tensor
+from tinylm.tensor import ACCUMULATED, Function, Tensor
 
 
 def _k(op, *arrays):
@@ -29,23 +29,37 @@ def _contig(xp, a):
 
 # ---- linear ---------------------------------------------------------------------------------
 class Linear(Function):
-    def forward(self, x, w, b=None):  # (..., C_in), (C_in, C_out), (C_out,) -> (..., C_out)
-        self.x, self.w, self.has_bias = x, w, b is not None
+    """out = x @ w + b, w (C_in, C_out) (GPT-2's Conv1D layout); with ``wt=True`` w is
+    (C_out, C_in) and out = x @ w^T + b (PyTorch's nn.Linear layout, and the tied GPT head)."""
+
+    def forward(self, x, w, b=None, wt=False):  # (..., C_in), w, (C_out,) -> (..., C_out)
+        self.x, self.w, self.wt, self.has_bias = x, w, wt, b is not None
         # one (N, C_in) @ (C_in, C_out) GEMM rather than NumPy's loop of per-batch GEMMs
-        out = _k("matmul", x)(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[1],))
+        x2 = x.reshape(-1, x.shape[-1])
+        out = _k("matmul", x)(x2, w.T if wt else w)
+        out = out.reshape(x.shape[:-1] + (out.shape[1],))
         if b is not None:
             out += b
         return out
 
     def backward(self, dout):  # (..., C_out)
         xp = xp_of(dout)
-        c_in, c_out = self.w.shape
+        w_io = self.w.T if self.wt else self.w  # (C_in, C_out)
+        c_in, c_out = w_io.shape
         x2 = self.x.reshape(-1, c_in)
         d2 = dout.reshape(-1, c_out)
         mm = _k("matmul", d2)
         # out = x @ w + b
-        dx = mm(d2, self.w.T).reshape(self.x.shape) if self.needs_grad[0] else None  # d/dx = dout w^T
-        dw = mm(x2.T, d2) if self.needs_grad[1] else None  # d/dw = x^T dout, summed over rows
+        dx = mm(d2, w_io.T).reshape(self.x.shape) if self.needs_grad[0] else None  # d/dx = dout w^T
+        dw = None
+        if self.needs_grad[1]:  # d/dw = x^T dout, summed over rows; (dout^T x for w^T)
+            a, b = (d2.T, x2) if self.wt else (x2.T, d2)
+            sink = self.grad_sink(1)
+            if sink is not None:  # straight into the optimizer's gradient buffer: no temporary
+                _k("matmul_acc", d2)(a, b, sink)
+                dw = ACCUMULATED
+            else:
+                dw = mm(a, b)
         if not self.has_bias:
             return dx, dw
         db = d2.sum(axis=0) if self.needs_grad[2] else None  # d/db = sum of dout over rows
@@ -61,6 +75,19 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if b.shape != (w.shape[1],):
         raise ValueError(f"linear: bias has shape {b.shape}, expected ({w.shape[1]},)")
     return Linear.apply(x, w, b)
+
+
+def linear_t(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x @ w.T + b`` with ``w`` of shape (C_out, C_in): PyTorch's nn.Linear layout, and the
+    tied GPT head (logits = x @ wte^T) without a Transpose op in the graph, so the head's
+    gradient is added into wte's gradient directly."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear_t: x {x.shape} and w {w.shape} do not fit: need w of shape (C_out, {x.shape[-1]})")
+    if b is None:
+        return Linear.apply(x, w, wt=True)
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"linear_t: bias has shape {b.shape}, expected ({w.shape[0]},)")
+    return Linear.apply(x, w, b, wt=True)
 
 
 # ---- layer norm -----------------------------------------------------------------------------

@@ -34,6 +34,17 @@ from tinylm.backend import is_gpu_array, to_device, xp_of
 _grad_enabled = True
 
 
+class _Accumulated:
+    """Returned by a backward for an input whose gradient it already added into
+    ``Function.grad_sink(i)``."""
+
+    def __repr__(self):
+        return "ACCUMULATED"
+
+
+ACCUMULATED = _Accumulated()
+
+
 @contextlib.contextmanager
 def no_grad():
     """Inside ``with no_grad():`` operations record nothing: outputs do not require grad."""
@@ -75,6 +86,25 @@ class Function:
 
     def backward(self, dout):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def grad_sink(self, i: int):
+        """The array input ``i``'s gradient will be added into, when backward may add its share
+        there itself; else None.
+
+        That is the ``.grad`` of a leaf input that already has one of the input's shape and
+        dtype: an optimizer's flat gradient buffer (tinylm.optim.AdamW), or the result of an
+        earlier backward. A backward that adds into it (e.g. a GEMM with beta = 1) returns
+        ``ACCUMULATED`` for that input, and the engine adds nothing more. Why: a Linear's weight
+        gradient then needs no temporary of the weight's size and no separate add pass (GPT-2
+        small: its 154 MB tied embedding gradient was the largest array alive at the peak).
+        """
+        node = self.parents[i]
+        if node.ctx is not None or node.leaf is None or not node.requires_grad:
+            return None
+        g = node.leaf.grad
+        if g is None or g.shape != node.shape or g.dtype != node.dtype:
+            return None
+        return g
 
     @classmethod
     def apply(cls, *inputs, **settings) -> "Tensor":
@@ -235,7 +265,7 @@ class Tensor:
             if len(in_grads) != len(ctx.parents):
                 raise RuntimeError(f"{op}.backward returned {len(in_grads)} gradients for {len(ctx.parents)} inputs")
             for i, (parent, pg) in enumerate(zip(ctx.parents, in_grads)):
-                if pg is None or not parent.requires_grad:
+                if pg is None or pg is ACCUMULATED or not parent.requires_grad:
                     continue
                 pg = _reduce_to_shape(pg, parent.shape, op, i)
                 if pg.dtype != parent.dtype:

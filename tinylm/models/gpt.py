@@ -131,7 +131,7 @@ class GPT(Module):
         for block in self.h:
             x = block(x, self.dropout_rng)
         x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight.T)  # tied head: (B, T, C) @ (C, V)
+        logits = F.linear_t(x, self.wte.weight)  # tied head: (B, T, C) @ (V, C)^T
         loss = None if targets is None else F.cross_entropy(logits, targets, ignore_index)
         return logits, loss
 
