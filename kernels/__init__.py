@@ -13,7 +13,8 @@ NumPy -> "cpu"); ``TINYLM_KERNELS=ref`` forces the NumPy references everywhere.
 # each GEMM, for longer. When tinylm's GEMMs ran on OpenBLAS's pool, each pool's spinning took a
 # core from the other on 2-core machines, and OMP_WAIT_POLICY=PASSIVE was the fix then. Now every
 # tinylm GEMM runs inside Numba's threads as single-threaded BLAS calls (kernels/matmul.py, "cpu";
-# attention's "cpu_gemm"), OpenBLAS's pool stays idle, and passive waiting only added its wake-up
+# attention's "cpu_gemm"), OpenBLAS's pool is held at one thread (kernels/_threads.py), and
+# passive waiting only added its wake-up
 # latency (0.1-0.4 ms per parallel kernel) to every op: measured at config S (2 cores), 128 ->
 # 118 ms per training step and KV-cache generation at M 84 -> 122 tokens/s with libgomp's default.
 from kernels.registry import available, backend_of, get, register

@@ -1,18 +1,26 @@
-"""One thread count for Numba's parallel loops and the BLAS library, set together.
+"""One thread count for Numba's parallel loops, which also run every tinylm BLAS call.
 
 ``TINYLM_NUM_THREADS`` (default: the cores this process may run on) is applied by
-``apply_env()``; ``set_num_threads(n)`` changes it at run time. Why both at once: Numba and
-OpenBLAS each keep their own pool, and on a 2-core machine running a Numba parallel kernel while
-BLAS threads still spin costs time (PERF-NOTES, "Thread oversubscription"). tinylm alternates
-between the two (a BLAS matmul, then a Numba kernel), never runs them nested, so n threads for
-each is n busy threads at any moment.
+``apply_env()``; ``set_num_threads(n)`` changes it at run time.
+
+How BLAS is threaded: tinylm's GEMMs (kernels/matmul.py, attention's cpu_gemm) cut C into one
+block per Numba thread and call single-threaded OpenBLAS on each block, so n threads do the
+BLAS work and n threads do the Numba kernels, and nothing else runs beside them. OpenBLAS's own
+pool is set to 1 thread for the whole process. Why: after each threaded call OpenBLAS's
+workers spin for a while, and libgomp's workers (Numba's) spin after each kernel; on 2 cores
+the two pools take the cores from each other. Measured here: KV-cache generation at config M
+went from 178-184 tokens/s to 7.9 tokens/s when its one-row products went through NumPy's
+(OpenBLAS-threaded) matmul instead, and attention ran 2x slower right after a threaded GEMM.
+A side effect to know: NumPy matmuls in the user's own code run on one thread once tinylm's
+kernels are in use (``kernels._threads.set_blas_threads(n)`` gives them n again, at the risk
+above when they interleave with tinylm's kernels).
 
 How BLAS is reached without a dependency: NumPy's OpenBLAS (``scipy_openblas``, bundled in the
 wheel) exports ``openblas_set_num_threads`` under a prefixed/suffixed name; we find the
 library among the loaded shared objects (/proc/self/maps) and call it with ctypes. Before NumPy
-is imported, the ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` variables do the same job, and
-before Numba is imported ``NUMBA_NUM_THREADS`` raises its pool's ceiling. threadpoolctl would
-do the lookup for every BLAS vendor; it is not needed for the OpenBLAS that NumPy ships.
+is imported, ``OPENBLAS_NUM_THREADS`` does the same job, and before Numba is imported
+``NUMBA_NUM_THREADS`` raises its pool's ceiling. threadpoolctl would do the lookup for every
+BLAS vendor; it is not needed for the OpenBLAS that NumPy ships.
 
 Measured pitfall with PyTorch in the same process (benchmarks, reference tests): Numba's "omp"
 threading layer loads the system libgomp.so.1 when its pool starts; a torch imported after that
@@ -20,7 +28,8 @@ binds to the already-loaded soname instead of its bundled libgomp, and its SDPA 
 1.3-1.9 s instead of 24 ms. Importing torch first (its libgomp is then shared by Numba) showed
 no slowdown. tinylm itself never imports torch.
 
-Leaves out: MKL/BLIS builds of NumPy (set their own variables), GPU streams.
+Leaves out: MKL/BLIS builds of NumPy (set their own variables; tinylm's GEMMs then use
+np.matmul and that library's threads), GPU streams.
 """
 from __future__ import annotations
 
@@ -95,11 +104,19 @@ def blas_num_threads() -> int | None:
     return _blas_call(_BLAS_GET)
 
 
+def set_blas_threads(n: int) -> None:
+    """OpenBLAS's own pool size (tinylm keeps it at 1: see the module docstring)."""
+    if "numpy" not in sys.modules:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(n)
+    _blas_call(_BLAS_SYMBOLS, ctypes.c_int(n))
+
+
 def set_num_threads(n: int) -> int:
-    """Use n threads for Numba and BLAS; returns the count Numba actually got.
+    """Use n threads for Numba's kernels and tinylm's BLAS calls; returns the count Numba got.
 
     Numba cannot go above the pool it started with (NUMBA_NUM_THREADS, default: the cores);
-    n is clipped to that ceiling, and BLAS gets the same clipped number.
+    n is clipped to that ceiling. OpenBLAS's own pool is set to 1 (tinylm's GEMMs are split
+    over Numba's n threads instead).
     """
     n = int(n)
     if n < 1:
@@ -107,13 +124,12 @@ def set_num_threads(n: int) -> int:
     if "numba" not in sys.modules:
         os.environ.setdefault("NUMBA_NUM_THREADS", str(max(n, default_threads())))
     if "numpy" not in sys.modules:
-        os.environ["OPENBLAS_NUM_THREADS"] = str(n)
         os.environ["OMP_NUM_THREADS"] = str(n)
     import numba
 
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
-    _blas_call(_BLAS_SYMBOLS, ctypes.c_int(n))
+    set_blas_threads(1)
     _state["n"] = n
     return n
 

@@ -33,13 +33,22 @@ Version log (python -m kernels.matmul: (2048, 384) @ (384, 1536) float32, 2 thre
   cpu_numba v2: block loops in a helper, c[i, j] indexing with j in range(j0, j1): 342 ms.
   cpu_numba v3: 1-D row slices, inner loop from 0: 100 ms (24 GFLOP/s), 34 GFLOP/s on one
      core for one 256x384x1536 block. The remaining 4-8x is register blocking and packing.
+  cpu v2 (was np.matmul): GEMM threaded by Numba, OpenBLAS single-threaded per block. Same speed
+     as OpenBLAS's own threading at the M shapes ((2048,384)@(384,1536): 12.2 vs 12.5 ms; the
+     transposed dW product 13.3 vs 12.9), but it ends the two-pool contention: in one config M
+     training step attention went 11/22 -> 6.5/12.5 ms (fwd/bwd) per layer. At config S
+     shapes the split GEMMs ran 0.36-0.51 ms for (2048,128)@(128,128) with OMP_WAIT_POLICY=
+     PASSIVE (the old default) and 0.36-0.40 ms with libgomp's default spin; PASSIVE dropped.
+     One-row products: GEMM per column block 469 us for (1,384)@(384,8192), GEMV 115 us,
+     np.matmul 96 us; with np.matmul (OpenBLAS-threaded) for the one-row products, KV-cache
+     generation at M took 7.9 tokens/s, with the GEMV here 175-184.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import float64, get_num_threads, njit, prange
 
-from kernels._blas import blas_single_threaded, gemm_for
+from kernels._blas import blas_single_threaded, gemm_for, gemv_for
 from kernels._common import FASTMATH, array_module, load_cuda, main_check
 from kernels.registry import register
 
@@ -54,12 +63,14 @@ def matmul_ref(a, b):  # (M,K), (K,N) -> (M,N)
 # ---------------------------------------------------------------------------------------------
 # Numba CPU + BLAS, "cpu" (the default): the same OpenBLAS GEMM, but threaded by Numba. C is cut
 # into one block of rows (or of columns, when it is wider than tall) per Numba thread, and each
-# thread calls single-threaded GEMM on its block (kernels/_blas.py). Why not let OpenBLAS
-# thread it: after each call OpenBLAS's workers spin for a while (OPENBLAS_THREAD_TIMEOUT,
-# fixed when NumPy loads the library), and the Numba kernel that follows a GEMM in a model
-# (attention, GELU, layernorm) then shares its cores with a spinning thread: attention ran 1.7-2x
-# slower right after a GEMM than alone (v1 of this section in the log). With every tinylm GEMM
-# threaded by Numba (whose OpenMP workers wait passively), OpenBLAS's pool never starts.
+# thread calls single-threaded GEMM on its block (kernels/_blas.py). A one-row product (KV-cache
+# decoding) is a GEMV instead, split over threads by columns from GEMV_COLS_PER_THREAD columns
+# up: GEMM would pack the whole weight matrix for one row. Why not let OpenBLAS thread it:
+# after each call OpenBLAS's workers spin for a while (OPENBLAS_THREAD_TIMEOUT, fixed when
+# NumPy loads the library), and the Numba kernel that follows a GEMM in a model (attention,
+# GELU, layernorm) then shares its cores with a spinning thread: attention ran 1.7-2x slower
+# right after a GEMM than alone, and generation fell to 7.9 tokens/s from 178 (v2 in the log).
+# tinylm keeps OpenBLAS's own pool at one thread (kernels/_threads.py).
 
 @njit(cache=True, parallel=True)
 def _gemm_split(gemm, ta, tb, M, N, K, one, zero, A, lda, B, ldb, C, ldc, isz, nchunk, by_rows):
@@ -74,6 +85,18 @@ def _gemm_split(gemm, ta, tb, M, N, K, one, zero, A, lda, B, ldb, C, ldc, isz, n
             gemm(101, ta, tb, M, j1 - j0, K, one, A, lda, B + boff, ldb, zero, C + j0 * isz, ldc)
 
 
+@njit(cache=True, parallel=True)
+def _gemv_split(gemv, tb, N, K, one, beta, X, incx, B, ldb, Y, isz, nchunk):
+    # y (1, N) = x (1, K) @ op(B) (K, N), one block of y's columns per thread:
+    # op(B) = B (K rows of ldb): y = B^T x;  op(B) = B^T (N rows of ldb): y = B x
+    for c in prange(nchunk):
+        j0, j1 = N * c // nchunk, N * (c + 1) // nchunk
+        if tb == 111:
+            gemv(101, 112, K, j1 - j0, one, B + j0 * isz, ldb, X, incx, beta, Y + j0 * isz, 1)
+        else:
+            gemv(101, 111, j1 - j0, K, one, B + j0 * ldb * isz, ldb, X, incx, beta, Y + j0 * isz, 1)
+
+
 def _blas_layout(x):
     """(CBLAS transpose flag, leading dimension) of a 2-D array read row-major, or None."""
     isz = x.itemsize
@@ -84,6 +107,9 @@ def _blas_layout(x):
     if (s0 == isz or r == 1) and s1 % isz == 0 and s1 // isz >= max(1, r):
         return 112, s1 // isz  # columns contiguous: the transpose of a row-major array
     return None
+
+
+GEMV_COLS_PER_THREAD = 2048  # one-row products split over threads only from this many columns
 
 
 def _gemm_into(a, b, c, beta) -> bool:
@@ -97,6 +123,19 @@ def _gemm_into(a, b, c, beta) -> bool:
     if (la is None or lb is None or lc is None or lc[0] != 111 or 0 in (M, N, K)
             or not (a.flags.aligned and b.flags.aligned and c.flags.aligned and c.flags.writeable)):
         return False  # other dtypes, strides or BLAS vendors: the caller uses NumPy's own path
+    if M == 1 and (gemv := gemv_for(a.dtype)) is not None:  # one row: GEMV, no packing
+        incx = 1 if la[0] == 111 else la[1]
+        nchunk = max(1, min(get_num_threads(), N // GEMV_COLS_PER_THREAD))
+        with blas_single_threaded():
+            if nchunk == 1:  # a direct call: a Numba launch costs more than the product
+                if lb[0] == 111:
+                    gemv(101, 112, K, N, 1.0, b.ctypes.data, lb[1], a.ctypes.data, incx, beta, c.ctypes.data, 1)
+                else:
+                    gemv(101, 111, N, K, 1.0, b.ctypes.data, lb[1], a.ctypes.data, incx, beta, c.ctypes.data, 1)
+            else:
+                _gemv_split(gemv, lb[0], N, K, a.dtype.type(1), a.dtype.type(beta), a.ctypes.data,
+                            incx, b.ctypes.data, lb[1], c.ctypes.data, a.itemsize, nchunk)
+        return True
     by_rows = M >= N
     nchunk = max(1, min(get_num_threads(), M if by_rows else N))
     with blas_single_threaded():

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import _blas, attention, matmul
-from kernels._threads import _openblas_libs, blas_num_threads, set_num_threads
+from kernels._threads import _openblas_libs, blas_num_threads, set_blas_threads, set_num_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 seeds = st.integers(0, 2**32 - 1)
@@ -43,14 +43,16 @@ def test_gemm_is_found_where_numpy_ships_openblas():
 def test_blas_single_threaded_restores_the_count_even_on_error():
     if blas_num_threads() is None:
         pytest.skip("no OpenBLAS loaded: nothing to set")
-    set_num_threads(2)
-    before = blas_num_threads()
-    with _blas.blas_single_threaded():
-        assert blas_num_threads() == 1
-    assert blas_num_threads() == before
-    with pytest.raises(RuntimeError), _blas.blas_single_threaded():
-        raise RuntimeError("boom")
-    assert blas_num_threads() == before
+    set_blas_threads(2)  # as a user who sized OpenBLAS's pool after tinylm set it to 1
+    try:
+        with _blas.blas_single_threaded():
+            assert blas_num_threads() == 1
+        assert blas_num_threads() == 2
+        with pytest.raises(RuntimeError), _blas.blas_single_threaded():
+            raise RuntimeError("boom")
+        assert blas_num_threads() == 2
+    finally:
+        set_blas_threads(1)
 
 
 # ---- cpu_gemm attention: several tiles, partial last tile, reversed tile order in backward --
@@ -187,3 +189,21 @@ def test_matmul_acc_adds_in_place(dt, M, K, N, ka, kb, kc, seed):
     matmul.matmul_acc_cpu(a, b, c)
     assert c.__array_interface__["data"][0] == before
     close(c, want, dt, scale=K ** 0.5)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("N", [5, 300, 2 * matmul.GEMV_COLS_PER_THREAD + 3])  # direct / split
+@pytest.mark.parametrize("ka", ["c", "t", "rows"])
+@pytest.mark.parametrize("kb", ["c", "t", "wide"])
+def test_matmul_one_row_goes_through_gemv(dt, N, ka, kb, monkeypatch):
+    calls = []
+    real = _blas.gemv_for
+    monkeypatch.setattr(matmul, "gemv_for", lambda d: calls.append(d) or real(d))
+    rng = np.random.default_rng(8)
+    a, b = _layout(rng, (1, 37), ka, dt), _layout(rng, (37, N), kb, dt)
+    close(matmul.matmul_cpu(a, b), a @ b, dt, scale=6)
+    c = _layout(rng, (1, N), "c", dt)
+    want = c + a @ b
+    matmul.matmul_acc_cpu(a, b, c)
+    close(c, want, dt, scale=6)
+    assert len(calls) == 2 and (real(dt) is not None) == bool(_openblas_libs())

@@ -58,9 +58,16 @@ def _threads_in_subprocess(env_value):
 
 
 def test_tinylm_num_threads_sets_numba_and_blas_together():
+    """TINYLM_NUM_THREADS sizes Numba's pool, which runs tinylm's GEMMs too; OpenBLAS's own
+    pool is held at 1 so the two never compete for cores."""
     r = _threads_in_subprocess("1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["1", "1", "1"]
+    r = _threads_in_subprocess("2")
+    assert r.returncode == 0, r.stderr
+    import numba
+    want = str(min(2, int(os.environ.get("NUMBA_NUM_THREADS", 2)), numba.config.NUMBA_NUM_THREADS))
+    assert r.stdout.split() == [want, want, "1"]
 
 
 def test_threads_default_is_the_cores():
@@ -69,7 +76,7 @@ def test_threads_default_is_the_cores():
     assert r.returncode == 0, r.stderr
     n = default_threads()
     n = min(n, int(os.environ.get("NUMBA_NUM_THREADS", n)))  # Numba's pool is the ceiling
-    assert r.stdout.split() == [str(n)] * 3
+    assert r.stdout.split() == [str(n), str(n), "1"]
 
 
 def test_bad_thread_setting_is_an_error():
