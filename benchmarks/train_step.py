@@ -31,11 +31,12 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   KV cache (tinylm's ``generate_iter``; a plain KV-cache loop over the same weights in torch);
   tokens/s over the new tokens, the prompt's prefill included; the two token sequences are
   compared (same weights, greedy: they agree until a near-tie in float32 rounding).
-- ``--profile`` (on by default for M) runs two more tinylm steps with every Function's forward and
-  backward timed, and prints where the step goes per op (Linear split by weight shape).
+- the per-op profile (config M by default; ``--profile-config S`` for another, ``--no-profile``
+  for none) runs two more tinylm steps with every Function's forward and backward timed, and
+  prints where the step goes per op (Linear split by weight shape).
 
 Usage: .venv/bin/python benchmarks/train_step.py [--configs S,M,L] [--steps N] [--warmup W]
-       [--threads 2] [--gen-tokens 200] [--no-gen] [--no-profile] [--json FILE]
+       [--threads 2] [--gen-tokens 200] [--no-gen] [--no-profile] [--profile-config M] [--json FILE]
 L needs ~3-4 GB and a minute or more per framework on 2 cores: leave it out with --configs S,M.
 PyTorch is optional: without it only tinylm's columns are printed.
 Leaves out: GPU (a later issue), torch.compile (PERF-NOTES: 43 s to compile at M, no faster).

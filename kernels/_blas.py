@@ -40,10 +40,6 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # (symbol suffix pattern, integer type): tried in this order in every loaded OpenBLAS
 _NAMES = (("scipy_cblas_{}gemm64_", ctypes.c_int64), ("cblas_{}gemm64_", ctypes.c_int64),
           ("scipy_cblas_{}gemm", ctypes.c_int), ("cblas_{}gemm", ctypes.c_int))
-_SET_THREADS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                "openblas_set_num_threads64_", "openblas_set_num_threads")
-_GET_THREADS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                "openblas_get_num_threads64_", "openblas_get_num_threads")
 _cache: dict = {}
 
 
@@ -141,7 +137,9 @@ def gemm_for(dtype):
 
 def _threads_fns():
     if "threads" not in _cache:
-        get, set_ = _find(_GET_THREADS), _find(_SET_THREADS)
+        from kernels._threads import _BLAS_GET, _BLAS_SYMBOLS  # noqa: PLC0415
+
+        get, set_ = _find(_BLAS_GET), _find(_BLAS_SYMBOLS)
         if get is not None and set_ is not None:
             get.restype = ctypes.c_int
             set_.argtypes = [ctypes.c_int]

@@ -14,8 +14,8 @@ _malloc.tune()  # keep freed activations' memory mapped for the next step (see t
 
 
 def set_num_threads(n: int) -> int:
-    """Threads for Numba's parallel kernels and for BLAS, set together (default: the cores,
-    or ``TINYLM_NUM_THREADS``)."""
+    """Threads for Numba's parallel kernels, which also run tinylm's BLAS calls (default: the
+    cores, or ``TINYLM_NUM_THREADS``); OpenBLAS's own pool stays at one (kernels/_threads.py)."""
     from kernels import _threads  # noqa: PLC0415 (imports Numba: not at `import tinylm`)
 
     return _threads.set_num_threads(n)
