@@ -37,9 +37,10 @@ import numpy as np
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
-# (symbol suffix pattern, integer type): tried in this order in every loaded OpenBLAS
-_NAMES = (("scipy_cblas_{}gemm64_", ctypes.c_int64), ("cblas_{}gemm64_", ctypes.c_int64),
-          ("scipy_cblas_{}gemm", ctypes.c_int), ("cblas_{}gemm", ctypes.c_int))
+# symbol patterns ({} = "s" or "d", {routine} = "gemm" or "gemv") with their integer type,
+# tried in this order in every loaded OpenBLAS
+_NAMES = (("scipy_cblas_{}{routine}64_", ctypes.c_int64), ("cblas_{}{routine}64_", ctypes.c_int64),
+          ("scipy_cblas_{}{routine}", ctypes.c_int), ("cblas_{}{routine}", ctypes.c_int))
 _cache: dict = {}
 
 
@@ -60,79 +61,61 @@ def _find(names):
     return None
 
 
-def _bind(letter: str):
+def _bind(routine: str, letter: str):
+    """The ctypes function for cblas_<letter><routine>, its argument types set, or None."""
     real = {"s": ctypes.c_float, "d": ctypes.c_double}[letter]
-    for pattern, integer in _NAMES:
-        fn = _find((pattern.format(letter),))
+    for pattern, i in _NAMES:
+        fn = _find((pattern.format(letter, routine=routine),))
         if fn is None:
             continue
-        e, i, p = ctypes.c_int, integer, ctypes.c_void_p
-        fn.argtypes = [e, e, e, i, i, i, real, p, i, p, i, real, p, i]
+        e, p = ctypes.c_int, ctypes.c_void_p
+        if routine == "gemm":  # order, transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc
+            fn.argtypes = [e, e, e, i, i, i, real, p, i, p, i, real, p, i]
+        else:  # gemv: order, trans, M, N, alpha, A, lda, x, incx, beta, y, incy
+            fn.argtypes = [e, e, i, i, real, p, i, p, i, real, p, i]
         fn.restype = None
         return fn
     return None
 
 
-_GEMV_NAMES = (("scipy_cblas_{}gemv64_", ctypes.c_int64), ("cblas_{}gemv64_", ctypes.c_int64),
-               ("scipy_cblas_{}gemv", ctypes.c_int), ("cblas_{}gemv", ctypes.c_int))
-
-
-def _bind_gemv(letter: str):
-    real = {"s": ctypes.c_float, "d": ctypes.c_double}[letter]
-    for pattern, integer in _GEMV_NAMES:
-        fn = _find((pattern.format(letter),))
-        if fn is None:
-            continue
-        e, i, p = ctypes.c_int, integer, ctypes.c_void_p
-        fn.argtypes = [e, e, i, i, real, p, i, p, i, real, p, i]
-        fn.restype = None
-        return fn
-    return None
-
-
-def _gemv_works(fn, dtype) -> bool:
-    """y = A^T x for a 4x3 A against NumPy."""
-    a = np.arange(12, dtype=dtype).reshape(4, 3) - 5
+def _works(routine: str, fn, dtype) -> bool:
+    """One small product against NumPy: catches a wrong integer width or symbol."""
+    if routine == "gemm":  # (3x5) @ (4x5)^T
+        a = np.arange(15, dtype=dtype).reshape(3, 5)
+        b = np.arange(20, dtype=dtype).reshape(4, 5) - 7
+        c = np.full((3, 4), 99, dtype=dtype)
+        fn(ROW_MAJOR, NO_TRANS, TRANS, 3, 4, 5, 1.0, a.ctypes.data, 5, b.ctypes.data, 5, 0.0,
+           c.ctypes.data, 4)
+        return bool(np.array_equal(c, a @ b.T))
+    a = np.arange(12, dtype=dtype).reshape(4, 3) - 5  # gemv: (4x3)^T @ x
     x = np.arange(4, dtype=dtype) + 1
     y = np.full(3, 99, dtype=dtype)
     fn(ROW_MAJOR, TRANS, 4, 3, 1.0, a.ctypes.data, 3, x.ctypes.data, 1, 0.0, y.ctypes.data, 1)
     return bool(np.array_equal(y, a.T @ x))
 
 
-def gemv_for(dtype):
-    """CBLAS GEMV (``gemv(order, trans, M, N, alpha, A, lda, x, incx, beta, y, incy)``: y =
-    alpha op(A) x + beta y) for float32/float64 as a ctypes function, or None. A one-row product
-    goes here rather than to GEMM, which would pack the whole weight matrix for one row
-    (measured: (1, 384) @ (384, 8192) 469 us through GEMM, 85 us through NumPy's GEMV)."""
+def _routine(routine: str, dtype):
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         return None
-    key = ("gemv", dtype)
+    key = (routine, dtype)
     if key not in _cache:
-        fn = _bind_gemv("s" if dtype == np.float32 else "d")
-        _cache[key] = fn if fn is not None and _gemv_works(fn, dtype) else None
+        fn = _bind(routine, "s" if dtype == np.float32 else "d")
+        _cache[key] = fn if fn is not None and _works(routine, fn, dtype) else None
     return _cache[key]
-
-
-def _works(fn, dtype) -> bool:
-    """One 3x5 @ (4x5)^T product against NumPy: catches a wrong integer width or symbol."""
-    a = np.arange(15, dtype=dtype).reshape(3, 5)
-    b = np.arange(20, dtype=dtype).reshape(4, 5) - 7
-    c = np.full((3, 4), 99, dtype=dtype)
-    fn(ROW_MAJOR, NO_TRANS, TRANS, 3, 4, 5, 1.0, a.ctypes.data, 5, b.ctypes.data, 5, 0.0,
-       c.ctypes.data, 4)
-    return bool(np.array_equal(c, a @ b.T))
 
 
 def gemm_for(dtype):
     """The CBLAS GEMM for float32 or float64 arrays as a ctypes function, or None if unavailable."""
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        return None
-    if dtype not in _cache:
-        fn = _bind("s" if dtype == np.float32 else "d")
-        _cache[dtype] = fn if fn is not None and _works(fn, dtype) else None
-    return _cache[dtype]
+    return _routine("gemm", dtype)
+
+
+def gemv_for(dtype):
+    """CBLAS GEMV (``gemv(order, trans, M, N, alpha, A, lda, x, incx, beta, y, incy)``: y =
+    alpha op(A) x + beta y) for float32/float64 as a ctypes function, or None. A one-row product
+    goes here rather than to GEMM, which would pack the whole weight matrix for one row
+    (measured: (1, 384) @ (384, 8192) 469 us through GEMM, 85-115 us through GEMV)."""
+    return _routine("gemv", dtype)
 
 
 def _threads_fns():

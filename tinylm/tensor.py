@@ -9,7 +9,9 @@ per tensor input. The engine here is the only place that:
 - accumulates gradients when a tensor is used more than once, and into ``.grad`` across calls,
 - sums gradients over broadcast dimensions (so no op has to),
 - checks each gradient's shape against its tensor and names the op when it does not match,
-- frees each op's saved arrays once its backward has run (unless ``retain_graph=True``).
+- frees each op's saved arrays once its backward has run (unless ``retain_graph=True``),
+- offers a backward the leaf's existing ``.grad`` to add into directly (``Function.grad_sink``),
+  so a weight gradient needs no temporary of the weight's size.
 
 The graph is made of small nodes (``_Node``: the producing Function, shape, dtype, and for a
 leaf its Tensor), not of tensors, so an intermediate result that no op saved is freed as soon
