@@ -111,6 +111,18 @@ def set_blas_threads(n: int) -> None:
     _blas_call(_BLAS_SYMBOLS, ctypes.c_int(n))
 
 
+def _wait_passively_without_openblas() -> None:
+    """Where NumPy's BLAS is not an OpenBLAS tinylm can call (MKL, Accelerate), its GEMMs go
+    through np.matmul and that library's own threads, and the two-pool contention described
+    above comes back; then Numba's OpenMP workers are told to sleep as soon as they are idle
+    (OMP_WAIT_POLICY=PASSIVE, unless the user set it). It must be set before the OpenMP
+    runtime loads, which is at Numba's first parallel launch: set_num_threads runs first."""
+    from kernels._blas import gemm_for  # noqa: PLC0415
+
+    if gemm_for("float32") is None:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def set_num_threads(n: int) -> int:
     """Use n threads for Numba's kernels and tinylm's BLAS calls; returns the count Numba got.
 
@@ -125,6 +137,7 @@ def set_num_threads(n: int) -> int:
         os.environ.setdefault("NUMBA_NUM_THREADS", str(max(n, default_threads())))
     if "numpy" not in sys.modules:
         os.environ["OMP_NUM_THREADS"] = str(n)
+    _wait_passively_without_openblas()
     import numba
 
     n = min(n, numba.config.NUMBA_NUM_THREADS)

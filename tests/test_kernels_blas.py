@@ -212,3 +212,20 @@ def test_matmul_one_row_goes_through_gemv(dt, N, ka, kb, monkeypatch):
     matmul.matmul_acc_cpu(a, b, c)
     close(c, want, dt, scale=6)
     assert len(calls) == 2 and (real(dt) is not None) == bool(_openblas_libs())
+
+
+def test_without_a_callable_openblas_numba_waits_passively():
+    """Simulate NumPy on another BLAS: no GEMM to bind. tinylm then asks for passive OpenMP
+    waiting before Numba's pool starts; with OpenBLAS found it leaves libgomp's default."""
+    code = ("import os, kernels._blas as b, kernels._threads as t\n"
+            "if os.environ.get('FAKE_NO_BLAS'): b._cache[('gemm', __import__('numpy').dtype('float32'))] = None\n"
+            "t.apply_env(); print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(ROOT)
+    outs = []
+    for fake in ("", "1"):
+        r = subprocess.run([sys.executable, "-c", code], env=dict(env, FAKE_NO_BLAS=fake),
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout.strip())
+    assert outs == ["unset" if _openblas_libs() else "PASSIVE", "PASSIVE"]
