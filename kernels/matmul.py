@@ -36,7 +36,9 @@ Version log (python -m kernels.matmul: (2048, 384) @ (384, 1536) float32, 2 thre
   cpu_numba v4: 4 rows of c x 4 k per pass over j (see _mm_block): 100-120 GFLOP/s in
      generated-variant trials (2x4, 4x4, 6x4, 8x4, 4x8, 8x2 rows x k; 4x4 and 8x4 best, 2x8
      and 8x2 worst), against 195 for OpenBLAS in the same runs. Blocks (MB, KB, NB) swept:
-     (64, 64, 768) 116-136 GFLOP/s, (32, 128, 512) 133, (64, 256, 256) 116; BLAS 197-201. What is left: accumulators that
+     (64, 64, 768) 116-136 GFLOP/s, (32, 128, 512) 133, (64, 256, 256) 116; BLAS 197-201.
+     Also tried: a 4x4 tile of dot products over k against a packed b^T (16 scalar reductions
+     for LLVM to keep in vector registers): 28-35 GFLOP/s (with another job on the cores). What is left: accumulators that
      stay in registers across k (Numba has no small stack arrays for LLVM to promote) and
      512-bit vectors (LLVM prefers 256-bit on this CPU), with packing of a and b.
   cpu v2 (was np.matmul): GEMM threaded by Numba, OpenBLAS single-threaded per block. Same speed
