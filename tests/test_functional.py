@@ -376,3 +376,15 @@ def test_attention_qkv_equals_split_then_attention(b, nh, t, hs, data):
     assert_same_as_composed(fused, lambda x: composed_attention_qkv(x, nh), [qkv])
     with pytest.raises(ValueError, match="divisible"):
         F.attention_qkv(leaf(np.ones((1, 2, 3 * nh * hs + 1))), nh)
+
+
+def test_qkv_grad_buffer_only_accepts_the_exact_layout():
+    from tinylm.functional import _qkv_grad_buffer
+    B, T, NH, hs = 2, 3, 2, 4
+    g = np.zeros((B, T, 3, NH, hs))
+    dq, dk, dv = (g[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    assert _qkv_grad_buffer(dq, dk, dv) is g
+    assert _qkv_grad_buffer(dk, dq, dv) is None  # wrong order
+    assert _qkv_grad_buffer(dq, dk, dv.copy()) is None  # not one buffer
+    h = np.zeros((B, 3, T, NH, hs))  # same size, other layout
+    assert _qkv_grad_buffer(*(h[:, i].transpose(0, 2, 1, 3) for i in range(3))) is None

@@ -334,8 +334,9 @@ def _qkv_grad_buffer(dq, dk, dv):
     if g.shape != (B, T, 3, NH, hs):
         return None
     base = g.__array_interface__["data"][0]
+    strides = g[:, :, 0].transpose(0, 2, 1, 3).strides
     for i, d in enumerate((dq, dk, dv)):
-        if d.__array_interface__["data"][0] != base + i * NH * hs * g.itemsize:
+        if d.strides != strides or d.__array_interface__["data"][0] != base + i * NH * hs * g.itemsize:
             return None
     return g
 
