@@ -91,6 +91,12 @@ jobs during these runs, so only same-run comparisons mean anything):
      standalone, 9.1/17.9 ms right after a (2048,384)@(384,1536) np.matmul, 4.9/10.5 ms after it
      with OPENBLAS_THREAD_TIMEOUT=4). Hence kernels/matmul.py "cpu": every tinylm GEMM threaded
      by Numba, OpenBLAS's own pool unused.
+  v5 cpu_gemm on strided views: the GEMMs read each head's rows with their leading dimension,
+     so q, k, v come straight from the fused (B, T, 3C) projection and out / dq, dk, dv are
+     written in (B, T, C) / (B, T, 3C) order: the six head split/merge copies per layer are gone
+     (config S training step 141 -> 101 ms in back-to-back single-round runs; noisy).
+     Later benchmarks/kernels.py runs: 14.9-16.9 ms vs SDPA 23.2-27.8 ms (0.61-0.64x), 4.1-4.3x
+     the ref. Peak extra memory at T=2048 (below): 10.3 MiB, two (64, T) tiles per thread.
   Peak extra memory fwd+bwd at B=1, NH=6, T=2048 (benchmarks/kernels.py): ref 304 MiB,
      cpu_plain 73 MiB, cpu_flash 15.5 MiB (of which 15 MiB are outputs, gradients and K^T/V^T).
 """
