@@ -9,7 +9,6 @@ No pickle: arrays are safetensors, everything else JSON.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,16 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm._files import read_json, sha256_file
+
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "optimizer.safetensors", "tokenizer.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, meta: dict, tokenizer) -> None:
@@ -41,7 +34,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, meta: dict, t
               metadata={"format": "pt"})
     save_file({k: np.ascontiguousarray(v) for k, v in optimizer.state_dict().items()}, str(tmp / "optimizer.safetensors"))
     tokenizer.save(tmp / "tokenizer.json")
-    state = dict(meta, format_version=FORMAT_VERSION, sha256={f: _sha256(tmp / f) for f in FILES})
+    state = dict(meta, format_version=FORMAT_VERSION, sha256={f: sha256_file(tmp / f) for f in FILES})
     with open(tmp / "state.json", "w", encoding="utf-8") as f:
         json.dump(state, f, indent=1)
         f.flush()
@@ -60,10 +53,7 @@ def read_state(ckpt_dir: str | os.PathLike) -> dict:
     sp = ckpt_dir / "state.json"
     if not sp.is_file():
         raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint (no state.json)")
-    try:
-        state = json.loads(sp.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{sp}: corrupted (not valid JSON: {e})") from None
+    state = read_json(sp, "corrupted: not valid JSON")
     if not isinstance(state, dict):
         raise ValueError(f"{sp}: corrupted (expected a JSON object)")
     if state.get("format_version") != FORMAT_VERSION:
@@ -75,7 +65,7 @@ def read_state(ckpt_dir: str | os.PathLike) -> dict:
         p = ckpt_dir / name
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing from the checkpoint")
-        if _sha256(p) != sums.get(name):
+        if sha256_file(p) != sums.get(name):
             raise ValueError(f"{p}: truncated or corrupted (its SHA-256 differs from the one in state.json)")
     for key in ("step", "model_config"):
         if key not in state:

@@ -18,13 +18,14 @@ Leaves out: per-document offsets (an index of where each document starts) and co
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tinylm._files import read_json, sha256_file
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -36,14 +37,6 @@ _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 def token_dtype(vocab_size: int):
     """uint16 when every id fits (ids < vocab_size <= 65536), else uint32."""
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardWriter:
@@ -82,7 +75,7 @@ class ShardWriter:
         name = f"{self.split}_{len(self.shards):06d}.npy"
         path = self.out_dir / name
         np.save(path, self.buf[:self.fill])
-        self.shards.append({"file": name, "tokens": int(self.fill), "sha256": _sha256(path)})
+        self.shards.append({"file": name, "tokens": int(self.fill), "sha256": sha256_file(path)})
         self.tokens += self.fill
         self.fill = 0
 
@@ -160,10 +153,7 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 def read_manifest(path) -> dict:
     """Parse and check a manifest; ValueError with a clear message when it is not one."""
     mpath = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{mpath}: not a valid manifest ({e})") from None
+    manifest = read_json(mpath, "not a valid manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{mpath}: not a tinylm prepared-data manifest")
     if manifest.get("version") != VERSION:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm._files import read_json
+
 SKIP_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
@@ -22,10 +24,7 @@ def _read_config(path: Path) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: not found (a Hugging Face GPT-2 directory has config.json and model.safetensors)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object at the top level")
     if cfg.get("model_type", "gpt2") != "gpt2":

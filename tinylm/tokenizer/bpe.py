@@ -32,6 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
+from tinylm._files import read_json
 from tinylm.tokenizer.gpt2 import (GPT2_BYTE_ORDER, GPT2_PATTERN, read_merges_txt, read_vocab_json, str_to_token,
                                    token_to_str, write_gpt2_files)
 from tinylm.tokenizer.train import WordCounter, regex_pieces, to_utf8, train_merges
@@ -273,12 +274,7 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BPETokenizer":
         """Read a file written by ``save``; anything malformed is a ValueError naming the key."""
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        return cls.from_dict(d, where=str(path))
+        return cls.from_dict(read_json(path), where=str(path))
 
     @classmethod
     def from_dict(cls, d, where: str = "tokenizer") -> "BPETokenizer":

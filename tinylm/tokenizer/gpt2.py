@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 
+from tinylm._files import read_json
+
 # GPT-2's pre-tokenizer split pattern (openai/gpt-2 src/encoder.py), for the `regex` package.
 # It is case-sensitive ("'S" is not a contraction) exactly as GPT-2 shipped it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -64,11 +66,7 @@ def str_to_token(s: str) -> bytes | None:
 
 def read_vocab_json(path: str | os.PathLike) -> dict[str, int]:
     """Read GPT-2's ``vocab.json`` (token string -> id), checking ids are distinct ints >= 0."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            vocab = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    vocab = read_json(path)
     if not isinstance(vocab, dict) or not vocab:
         raise ValueError(f"{path}: expected a non-empty JSON object mapping token strings to ids")
     seen: dict[int, str] = {}
