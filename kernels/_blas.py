@@ -31,6 +31,7 @@ Leaves out: complex types, BLAS vendors other than OpenBLAS.
 from __future__ import annotations
 
 import ctypes
+import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -44,10 +45,28 @@ _NAMES = (("scipy_cblas_{}{routine}64_", ctypes.c_int64), ("cblas_{}{routine}64_
 _cache: dict = {}
 
 
-def _libs():
-    if "libs" not in _cache:
-        from kernels._threads import _openblas_libs  # noqa: PLC0415
+def _openblas_libs():
+    """ctypes handles of the loaded OpenBLAS libraries (NumPy's bundled one, normally)."""
+    paths = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if "openblas" in os.path.basename(path).lower() and ".so" in path:
+                    paths.add(path)
+    except OSError:
+        return []
+    libs = []
+    for p in sorted(paths):
+        try:
+            libs.append(ctypes.CDLL(p))
+        except OSError:
+            pass
+    return libs
 
+
+def _libs():
+    if "libs" not in _cache:  # NumPy (imported above) has loaded its OpenBLAS by now
         _cache["libs"] = _openblas_libs()
     return _cache["libs"]
 
@@ -118,16 +137,33 @@ def gemv_for(dtype):
     return _routine("gemv", dtype)
 
 
+_GET_THREADS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                "openblas_get_num_threads64_", "openblas_get_num_threads")
+_SET_THREADS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
 def _threads_fns():
     if "threads" not in _cache:
-        from kernels._threads import _BLAS_GET, _BLAS_SYMBOLS  # noqa: PLC0415
-
-        get, set_ = _find(_BLAS_GET), _find(_BLAS_SYMBOLS)
+        get, set_ = _find(_GET_THREADS), _find(_SET_THREADS)
         if get is not None and set_ is not None:
             get.restype = ctypes.c_int
             set_.argtypes = [ctypes.c_int]
         _cache["threads"] = (get, set_) if get is not None and set_ is not None else None
     return _cache["threads"]
+
+
+def blas_threads() -> int | None:
+    """OpenBLAS's own pool size, or None when no OpenBLAS is loaded."""
+    fns = _threads_fns()
+    return None if fns is None else fns[0]()
+
+
+def set_blas_threads(n: int) -> None:
+    """Size OpenBLAS's own pool (no-op without OpenBLAS); tinylm keeps it at 1 (kernels/_threads.py)."""
+    fns = _threads_fns()
+    if fns is not None:
+        fns[1](n)
 
 
 @contextmanager

@@ -16,9 +16,9 @@ kernels are in use (``kernels._threads.set_blas_threads(n)`` gives them n again,
 above when they interleave with tinylm's kernels).
 
 How BLAS is reached without a dependency: NumPy's OpenBLAS (``scipy_openblas``, bundled in the
-wheel) exports ``openblas_set_num_threads`` under a prefixed/suffixed name; we find the
-library among the loaded shared objects (/proc/self/maps) and call it with ctypes. Before NumPy
-is imported, ``OPENBLAS_NUM_THREADS`` does the same job, and before Numba is imported
+wheel) exports ``openblas_set_num_threads`` under a prefixed/suffixed name; kernels/_blas.py
+finds the library among the loaded shared objects (/proc/self/maps) and calls it with ctypes.
+Before NumPy is imported, ``OPENBLAS_NUM_THREADS`` does the same job, and before Numba is imported
 ``NUMBA_NUM_THREADS`` raises its pool's ceiling. threadpoolctl would do the lookup for every
 BLAS vendor; it is not needed for the OpenBLAS that NumPy ships.
 
@@ -33,19 +33,10 @@ np.matmul and that library's threads), GPU streams.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
 _ENV = "TINYLM_NUM_THREADS"
-_BLAS_SYMBOLS = (
-    "scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-    "openblas_set_num_threads64_", "openblas_set_num_threads",
-)
-_BLAS_GET = (
-    "scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-    "openblas_get_num_threads64_", "openblas_get_num_threads",
-)
 _state = {"n": None}
 
 
@@ -70,45 +61,20 @@ def _requested() -> int:
     return n
 
 
-def _openblas_libs():
-    """ctypes handles of the loaded OpenBLAS libraries (NumPy's bundled one, normally)."""
-    paths = set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rsplit(" ", 1)[-1].strip()
-                if "openblas" in os.path.basename(path).lower() and ".so" in path:
-                    paths.add(path)
-    except OSError:
-        return []
-    libs = []
-    for p in sorted(paths):
-        try:
-            libs.append(ctypes.CDLL(p))
-        except OSError:
-            pass
-    return libs
-
-
-def _blas_call(names, *args):
-    for lib in _openblas_libs():
-        for name in names:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                return fn(*args)
-    return None
-
-
 def blas_num_threads() -> int | None:
-    """BLAS's current thread count, or None when no OpenBLAS is loaded."""
-    return _blas_call(_BLAS_GET)
+    """OpenBLAS's own pool size, or None when no OpenBLAS is loaded."""
+    from kernels._blas import blas_threads  # noqa: PLC0415 (imports NumPy)
+
+    return blas_threads()
 
 
 def set_blas_threads(n: int) -> None:
     """OpenBLAS's own pool size (tinylm keeps it at 1: see the module docstring)."""
     if "numpy" not in sys.modules:
         os.environ["OPENBLAS_NUM_THREADS"] = str(n)
-    _blas_call(_BLAS_SYMBOLS, ctypes.c_int(n))
+    from kernels._blas import set_blas_threads as set_openblas  # noqa: PLC0415 (imports NumPy)
+
+    set_openblas(n)
 
 
 def _wait_passively_without_openblas() -> None:

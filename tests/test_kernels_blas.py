@@ -17,12 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import _blas, attention, matmul
-from kernels._threads import (
-    _openblas_libs,
-    blas_num_threads,
-    set_blas_threads,
-    set_num_threads,
-)
+from kernels._blas import _openblas_libs
+from kernels._threads import blas_num_threads, set_blas_threads, set_num_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 seeds = st.integers(0, 2**32 - 1)
