@@ -28,6 +28,10 @@ _FAMILY = {
     "adamw_update": "kernels.adamw",
     "sumsq": "kernels.gradnorm",
     "matmul": "kernels.matmul", "matmul_acc": "kernels.matmul",
+    "rmsnorm_fwd": "kernels.rmsnorm", "rmsnorm_bwd": "kernels.rmsnorm",
+    "rope_fwd": "kernels.rope", "rope_bwd": "kernels.rope",
+    "swiglu_fwd": "kernels.swiglu", "swiglu_bwd": "kernels.swiglu",
+    "attention_decode": "kernels.attention_decode",
 }
 
 BACKENDS = ("ref", "cpu", "gpu")

@@ -3,11 +3,13 @@ state dicts, the optimizer and the LR schedule."""
 import math
 
 import numpy as np
+
+import tinylm
 import pytest
 
 from tinylm import gradcheck, tensor
 from tinylm.models import GPT, GPTConfig
-from tinylm.models.gpt import sample
+from tinylm.generate import sample
 from tinylm.optim import AdamW, cosine_lr
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=23)
@@ -61,16 +63,18 @@ def test_kv_cache_logits_equal_uncached():
     m = tiny()
     rng = np.random.default_rng(2)
     prompt = rng.integers(0, 23, (2, 5))
-    cache = m._new_cache(2)
+    cache = m.new_cache(2)
     seq = prompt
-    logits = m._forward_cached(prompt, cache, 0)
-    for pos in range(5, 12):
-        full = m(seq)[0].numpy()[:, -1]
-        np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-5)
-        nxt = rng.integers(0, 23, (2, 1))
-        seq = np.concatenate([seq, nxt], axis=1)
-        if pos < 11:
-            logits = m._forward_cached(nxt, cache, pos)
+    with tinylm.no_grad():
+        logits = m(prompt, cache=cache)[0].numpy()[:, -1]
+        for pos in range(5, 12):
+            full = m(seq)[0].numpy()[:, -1]
+            np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-5)
+            nxt = rng.integers(0, 23, (2, 1))
+            seq = np.concatenate([seq, nxt], axis=1)
+            if pos < 11:
+                assert cache.pos == pos
+                logits = m(nxt, cache=cache)[0].numpy()[:, -1]
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.9, top_k=5), dict(temperature=1.2, top_p=0.8)])

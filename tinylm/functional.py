@@ -16,7 +16,7 @@ import numpy as np
 
 import kernels
 from tinylm.backend import is_gpu_array, to_device, xp_of
-from tinylm.tensor import ACCUMULATED, Function, Tensor
+from tinylm.tensor import ACCUMULATED, Function, Tensor, is_grad_enabled
 
 
 def _k(op, *arrays):
@@ -341,8 +341,117 @@ def _qkv_grad_buffer(dq, dk, dv):
     return g
 
 
-def attention_qkv(qkv: Tensor, n_head: int) -> Tensor:
-    """Causal self-attention from a fused projection: qkv (B, T, 3C) -> (B, T, C)."""
+def attention_qkv(qkv: Tensor, n_head: int, cache=None, layer: int = 0, start: int = 0) -> Tensor:
+    """Causal self-attention from a fused projection: qkv (B, T, 3C) -> (B, T, C).
+
+    With a KV cache (generation: no autograd) the T positions start at ``start``, their keys
+    and values are stored in ``cache`` (layer ``layer``) and they attend over every cached
+    position; without one, the training op with its backward."""
+    if cache is not None and is_grad_enabled() and qkv.requires_grad:
+        raise RuntimeError("attention with a KV cache is for inference: run it under tinylm.no_grad()")
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
         raise ValueError(f"attention_qkv: qkv {qkv.shape} must be (B, T, 3C) with C divisible by n_head={n_head}")
+    if cache is not None:
+        B, T, C3 = qkv.shape
+        heads = qkv.data.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
+        y = _cached_attention(heads[0], heads[1], heads[2], cache, layer, start)  # (B, NH, T, hs)
+        return Tensor(_contig(xp_of(y), y.transpose(0, 2, 1, 3)).reshape(B, T, C3 // 3))
     return AttentionQKV.apply(qkv, n_head=int(n_head))
+
+
+# ---- attention over a KV cache (generation) -------------------------------------------------
+def _cached_attention(q, k, v, cache, layer: int, start: int):
+    """Arrays q (B, NH, T, hs), k, v (B, NKV, T, hs) of T new positions at ``start``: store k, v
+    in the cache and attend over every cached position up to start + T - 1."""
+    K, V = cache.update(layer, k, v, start)
+    return _k("attention_decode", q)(q, K, V, start)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, cache=None, layer: int = 0, start: int = 0) -> Tensor:
+    """Causal attention on (B, NH, T, hs) queries and (B, NKV, T, hs) keys and values (NKV
+    divides NH: grouped-query attention). Without a cache: the training op, with a backward
+    (``causal_self_attention``). With a KV cache (``tinylm.models.cache``): the T new positions
+    start at ``start`` and attend over everything cached so far; inference only."""
+    if cache is None:
+        return causal_self_attention(q, k, v)
+    if is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("attention with a KV cache is for inference: run it under tinylm.no_grad()")
+    return Tensor(_cached_attention(q.data, k.data, v.data, cache, layer, start))
+
+
+# ---- Llama ops: RMSNorm, RoPE, SwiGLU ----
+class RMSNorm(Function):
+    def forward(self, x, w, eps):  # (..., C), (C,) -> (..., C)
+        xp = xp_of(x)
+        self.in_shape = x.shape
+        x2 = _contig(xp, x.reshape(-1, x.shape[-1]))
+        out, self.rstd = _k("rmsnorm_fwd", x2)(x2, w, float(eps))
+        self.x2, self.w = x2, w
+        return out.reshape(self.in_shape)
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        d2 = _contig(xp, dout.reshape(self.x2.shape))
+        # out = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps)  ->  dw = sum over rows of
+        # dout * x * rstd, dx = rstd (dout w - xhat mean(dout w xhat)) (rstd depends on all of x)
+        dx, dw = _k("rmsnorm_bwd", d2)(d2, self.x2, self.w, self.rstd)
+        return dx.reshape(self.in_shape), dw
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float = 1e-6) -> Tensor:
+    """Llama's RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w (no mean, no bias)."""
+    c = x.shape[-1]
+    if w.shape != (c,):
+        raise ValueError(f"rms_norm: w {w.shape} must be ({c},) for x {x.shape}")
+    return RMSNorm.apply(x, w, eps=eps)
+
+
+class RoPE(Function):
+    def forward(self, x, cos, sin, interleaved):  # (B, T, NH, hs), (T, hs/2) x2 -> (B, T, NH, hs)
+        xp = xp_of(x)
+        self.cos, self.sin, self.interleaved = cos, sin, interleaved
+        return _k("rope_fwd", x)(_contig(xp, x), cos, sin, interleaved)
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        # out = R(angle) x on each pair, R a rotation  ->  dx = R(angle)^T dout = R(-angle) dout
+        return (_k("rope_bwd", dout)(_contig(xp, dout), self.cos, self.sin, self.interleaved),)
+
+
+def rope(x: Tensor, cos, sin, interleaved: bool = False) -> Tensor:
+    """Rotary position embedding on x (B, T, NH, hs) with tables cos, sin (T, hs/2) (plain
+    arrays, no gradient: ``kernels.rope.rope_tables`` makes them). ``interleaved=False`` rotates
+    the pairs (i, i + hs/2) (Hugging Face Llama's rotate_half), True the pairs (2i, 2i + 1)."""
+    cos, sin = (c.data if isinstance(c, Tensor) else c for c in (cos, sin))
+    if x.ndim != 4 or x.shape[-1] % 2:
+        raise ValueError(f"rope: x must be (B, T, NH, hs) with an even hs, got {x.shape}")
+    T, hs = x.shape[1], x.shape[-1]
+    if tuple(cos.shape) != (T, hs // 2) or tuple(sin.shape) != (T, hs // 2):
+        raise ValueError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be ({T}, {hs // 2}) for x {x.shape}")
+    xp = xp_of(x.data)
+    if is_gpu_array(x.data):
+        cos, sin = xp.asarray(cos), xp.asarray(sin)
+    else:
+        cos, sin = (np.asarray(to_device(c, "cpu") if is_gpu_array(c) else c) for c in (cos, sin))
+    cos, sin = (_contig(xp, c.astype(x.dtype, copy=False)) for c in (cos, sin))
+    return RoPE.apply(x, cos=cos, sin=sin, interleaved=bool(interleaved))
+
+
+class SwiGLU(Function):
+    def forward(self, a, b):  # (...), (...) -> (...)
+        xp = xp_of(a)
+        self.a, self.b = _contig(xp, a), _contig(xp, b)
+        return _k("swiglu_fwd", a)(self.a, self.b)
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        # out = a sig(a) * b  ->  da = dout b sig(a) (1 + a (1 - sig(a))), db = dout a sig(a)
+        da, db = _k("swiglu_bwd", dout)(_contig(xp, dout), self.a, self.b)
+        return da, db
+
+
+def swiglu(a: Tensor, b: Tensor) -> Tensor:
+    """silu(a) * b = a * sigmoid(a) * b elementwise (Llama's MLP: swiglu(x W_gate, x W_up))."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"swiglu: a and b must share one shape and dtype, got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
+    return SwiGLU.apply(a, b)

@@ -1,0 +1,97 @@
+"""What every tinylm language model shares, whatever its architecture.
+
+A model is a Module with a ``config`` (a dataclass with ``block_size`` and ``vocab_size``), a
+``model_type`` (its key in tinylm.models.registry), and one forward:
+
+    forward(idx, targets=None, cache=None, start=None) -> (logits, loss)
+
+``idx`` (B, T) integer ids; with ``targets`` (B, T) the mean cross-entropy (``ignore_index``
+rows left out); with ``cache`` (a KVCache from ``new_cache``) the T new tokens sit at positions
+``start..start+T-1`` (default: ``cache.pos``) and attend over the cached ones. Training and
+generation run the same block code; generation itself lives in tinylm.generate, written once
+for every model.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinylm.backend import to_device, xp_of
+from tinylm.nn import Module
+from tinylm.tensor import Tensor
+
+
+class LanguageModel(Module):
+    model_type = "?"
+
+    def __call__(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100):
+        return self.forward(idx, targets, cache, start, ignore_index)
+
+    # ---- helpers for forward ----------------------------------------------------------------
+    def _check_input(self, idx, cache, start):
+        """idx as an array (B, T) and the start position, checked against the context."""
+        if isinstance(idx, Tensor):
+            idx = idx.data
+        if not hasattr(idx, "ndim"):
+            idx = np.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"{type(self).__name__}: idx must be (B, T), got shape {idx.shape}")
+        T = idx.shape[1]
+        if cache is None:
+            if start not in (None, 0):
+                raise ValueError(f"{type(self).__name__}: start={start} needs a cache")
+            start = 0
+        elif start is None:
+            start = cache.pos
+        bs = self.config.block_size
+        if start + T > bs:
+            what = f"sequence of length {T}" if start == 0 else f"positions {start}..{start + T - 1}"
+            raise ValueError(f"{type(self).__name__}: {what} is longer than block_size={bs}")
+        return self._dev(idx), int(start)
+
+    def _dev(self, a):
+        return to_device(a, "gpu") if self.on_gpu else a
+
+    def _any_weight(self):
+        """One parameter's array (its type says the device). Subclasses return an attribute:
+        walking the module tree on every generated token would cost more than the token."""
+        return self.parameters()[0].data
+
+    @property
+    def on_gpu(self) -> bool:
+        return not isinstance(self._any_weight(), np.ndarray)
+
+    @property
+    def xp(self):
+        return xp_of(self._any_weight())
+
+    # ---- generation (tinylm.generate, for every model) --------------------------------------
+    def generate_iter(self, idx, max_new_tokens: int, **kw):
+        """Yield the next token of each row (B,) one step at a time (see tinylm.generate)."""
+        from tinylm.generate import generate_iter  # noqa: PLC0415
+
+        return generate_iter(self, idx, max_new_tokens, **kw)
+
+    def generate(self, idx, max_new_tokens: int, **kw) -> np.ndarray:
+        """Prompt ids (B, T) or (T,) -> (B, T + new) ids (see tinylm.generate)."""
+        from tinylm.generate import generate  # noqa: PLC0415
+
+        return generate(self, idx, max_new_tokens, **kw)
+
+    # ---- Hugging Face layout ----------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path):
+        """Load a Hugging Face directory (config.json + model.safetensors) of this architecture."""
+        from tinylm.models.hf import from_hf  # noqa: PLC0415
+
+        return from_hf(path, expect=cls.model_type)
+
+    def save_hf(self, path) -> None:
+        """Write config.json + model.safetensors in Hugging Face's layout for this architecture."""
+        from tinylm.models.hf import save_hf  # noqa: PLC0415
+
+        save_hf(self, path)
+
+    def config_dict(self) -> dict:
+        from dataclasses import asdict  # noqa: PLC0415
+
+        return asdict(self.config)
