@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinylm.checkpoint import load_checkpoint, load_model
+from tinylm.train import CheckpointError, load_checkpoint, load_model
 from tinylm.config import apply_overrides, load_toml
 from tinylm.train import TrainConfig, train
 
@@ -82,7 +82,7 @@ def test_truncated_or_corrupted_checkpoint_is_detected(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"state\.json: corrupted"):
         load_checkpoint(ck)
     (ck / "state.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no state.json"):
+    with pytest.raises(CheckpointError, match="no state.json"):
         load_model(ck)
 
 
@@ -102,7 +102,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, mon
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train(cfg)
     assert load_checkpoint(tmp_path / "checkpoint")["step"] == 4
-    assert not list(tmp_path.glob("checkpoint.tmp-*"))
+    assert not list(tmp_path.glob("checkpoint*.tmp-*")) and not list(tmp_path.glob("checkpoints/*.tmp-*"))
 
 
 def test_config_overrides_and_toml(tmp_path):

@@ -13,6 +13,14 @@ F = functional
 _malloc.tune()  # keep freed activations' memory mapped for the next step (see tinylm/_malloc.py)
 
 
+def load(checkpoint_dir):
+    """``model, tokenizer = tinylm.load("out/checkpoint")``: any tinylm checkpoint (GPT or
+    Llama), in eval mode. Errors name the file and what is wrong (tinylm.train.CheckpointError)."""
+    from tinylm.train.checkpoint import load_model  # noqa: PLC0415
+
+    return load_model(checkpoint_dir)
+
+
 def set_num_threads(n: int) -> int:
     """Threads for Numba's parallel kernels, which also run tinylm's BLAS calls (default: the
     cores, or ``TINYLM_NUM_THREADS``); OpenBLAS's own pool stays at one (kernels/_threads.py)."""
@@ -22,5 +30,5 @@ def set_num_threads(n: int) -> int:
 
 __all__ = [
     "__version__", "Function", "F", "GradcheckError", "Tensor", "functional", "gradcheck",
-    "is_grad_enabled", "no_grad", "set_num_threads", "tensor",
+    "is_grad_enabled", "load", "no_grad", "set_num_threads", "tensor",
 ]

@@ -21,6 +21,10 @@ SUBCOMMANDS = (
 )
 
 
+# subcommands that take key=value overrides -> their options that take exactly one value
+_OVERRIDABLE = {"train": {"--config", "--out", "--max-steps", "--time-budget"}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinylm",
@@ -40,15 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tinylm.config import split_overrides  # noqa: PLC0415
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may stand anywhere (even after --data a b ...): take them out first
+    overrides: list[str] = []
+    if argv and argv[0] in _OVERRIDABLE:
+        rest, overrides = split_overrides(argv[1:], _OVERRIDABLE[argv[0]])
+        argv = argv[:1] + rest
     args = parser.parse_args(argv)
+    args.overrides = overrides
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print("\ninterrupted (nothing is left half-written: files are written to temporaries and renamed)",
+              file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, OSError) as e:
         # user errors (bad file, bad flag value): one clear line, no traceback

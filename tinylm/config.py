@@ -15,6 +15,7 @@ C(lr=0.0003, steps=20)
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,11 @@ def _coerce(name: str, value: Any, field_type: str, where: str, from_text: bool)
     return float(value) if base == "float" else value
 
 
-def apply_dict(cfg, values: dict, where: str = "config", from_text: bool = False):
+def apply_dict(cfg, values: dict, where: str = "config", from_text: bool = False, sources: dict | None = None):
     """A copy of dataclass ``cfg`` with ``values`` applied; unknown keys are an error.
-    ``from_text``: values are command-line strings, converted to each field's type."""
+    ``from_text``: values are command-line strings, converted to each field's type.
+    ``sources``: if given, ``sources[key] = where`` for every key set here (so a later check
+    can say where a bad value came from)."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for key, value in values.items():
@@ -65,10 +68,12 @@ def apply_dict(cfg, values: dict, where: str = "config", from_text: bool = False
             raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(fields))}")
         f = fields[key]
         changes[key] = _coerce(key, value, str(f.type), where, from_text)
+        if sources is not None:
+            sources[key] = where
     return dataclasses.replace(cfg, **changes)
 
 
-def apply_overrides(cfg, overrides: list[str]):
+def apply_overrides(cfg, overrides: list[str], sources: dict | None = None):
     """Apply ``key=value`` strings (from the command line) to a dataclass."""
     values = {}
     for item in overrides:
@@ -76,10 +81,35 @@ def apply_overrides(cfg, overrides: list[str]):
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected key=value")
         values[key.replace("-", "_")] = value
-    return apply_dict(cfg, values, where="override", from_text=True)
+    return apply_dict(cfg, values, where="override", from_text=True, sources=sources)
 
 
-def load_toml(cfg, path: str | Path):
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def split_overrides(argv: list[str], takes_one: set[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` overrides from the rest of a command line, wherever they stand.
+
+    ``tinylm train --data corpus.txt n_layer=2 --max-steps 5 lr=1e-3`` -> (["--data",
+    "corpus.txt", "--max-steps", "5"], ["n_layer=2", "lr=1e-3"]). A word right after an option
+    that takes one value (``takes_one``, e.g. --out) is that option's value, and an existing
+    file whose name looks like key=value stays a path.
+
+    >>> split_overrides(["--data", "a.txt", "n_layer=2", "--out", "x=y"], {"--out"})
+    (['--data', 'a.txt', '--out', 'x=y'], ['n_layer=2'])
+    """
+    rest, overrides = [], []
+    prev = None
+    for word in argv:
+        if prev in takes_one or not _OVERRIDE.match(word) or Path(word).exists():
+            rest.append(word)
+        else:
+            overrides.append(word)
+        prev = word
+    return rest, overrides
+
+
+def load_toml(cfg, path: str | Path, sources: dict | None = None):
     """Apply a TOML file's top-level keys to a dataclass."""
     path = Path(path)
     try:
@@ -88,4 +118,4 @@ def load_toml(cfg, path: str | Path):
         raise FileNotFoundError(f"{path}: config file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
-    return apply_dict(cfg, data, where=str(path))
+    return apply_dict(cfg, data, where=f"file {path}", sources=sources)
