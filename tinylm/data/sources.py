@@ -7,8 +7,9 @@ on. What counts as one:
   is the string under ``text_field`` (default ``"text"``). Blank lines are skipped. A text
   longer than 4 × ``chunk_bytes`` characters is cut like a long plain text (below), so one
   huge record cannot blow up the per-document work (word hashes take 8 bytes per byte).
-- **Plain text** (anything else, optionally ``.gz``): documents are separated by the literal
-  ``<|endoftext|>`` (the GPT-2 convention, so a file written by ``tinylm`` or by nanoGPT's
+- **Plain text** (anything else, optionally gzip: a ``.gz`` suffix or the gzip magic bytes
+  ``1f 8b``, so a ``data.txt`` that is really gzip is read decompressed): documents are
+  separated by the literal ``<|endoftext|>`` (the GPT-2 convention, so a file written by ``tinylm`` or by nanoGPT's
   scripts round-trips). A text without separators is *one* document, but a long one is cut
   at blank lines into pieces of about ``chunk_bytes`` (64 KiB): a 1 GB book must not be held
   in memory, and a whole-file document would make the split by document useless (one file,
@@ -28,11 +29,17 @@ and line and the run goes on with the other documents:
 - ``invalid_utf8``: a document (or JSONL line) that is not valid UTF-8 is decoded with U+FFFD
   replacements and kept, reported once at the line of its first bad byte (the symbol-share
   filter later drops documents that are mostly garbage).
-- ``binary``: a text file with a NUL byte in its first 8 KiB is skipped (git's heuristic).
+- ``binary``: a text file with a NUL byte in its first 8 KiB is skipped (git's heuristic);
+  with ``binary_invalid_share`` (``tinylm train`` passes 0.3; ``prepare`` leaves it off and
+  lets the symbol filter drop such text) also one where more than that share of the first
+  8 KiB is not UTF-8 (a NUL-free binary, or text in a legacy encoding).
 - ``not_json``, ``missing_field``: a JSONL line that does not parse, is not an object, or lacks a
   string ``text_field``. A JSON string holding a lone surrogate (``"\\ud800"``) counts as
   ``invalid_utf8`` and has it replaced by ``?``.
 - ``not_a_file``: a path that is a FIFO, socket or device (opening a FIFO would block).
+
+``tinylm prepare`` (pipeline.py) and ``tinylm train --data`` (corpus.py) both read their
+inputs with ``list_files`` and ``iter_documents``: one set of rules for what a document is.
 
 Leaves out: JSON arrays (``.json``, not streamable line by line), Parquet, zstd/bz2/xz,
 remote URLs. Directory walks skip hidden entries (names starting with ``.``) and follow
@@ -54,6 +61,8 @@ SEPARATOR = "<|endoftext|>"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 MAX_ISSUES_KEPT = 200  # keep the first N issue records in full, count the rest
 READ_BLOCK = 1 << 20   # bytes per read of a text file (tests shrink it to hit block edges)
+SNIFF_BYTES = 8192     # the head of a text file checked for binary content
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass
@@ -118,8 +127,26 @@ def list_files(inputs, opts: SourceOptions) -> list[str]:
     return out
 
 
+def is_gzip(path: str) -> bool:
+    """A ``.gz`` suffix or the gzip magic bytes (raises OSError if the file cannot be read)."""
+    if path.endswith(".gz"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
 def _open(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+def invalid_utf8_share(head: bytes) -> float:
+    """Share of the bytes of ``head`` that are not part of valid UTF-8 (a character cut by the
+    end of ``head`` does not count)."""
+    if not head:
+        return 0.0
+    head = head[:_safe_cut(head, len(head), b"")]
+    good = len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    return (len(head) - good) / max(len(head), 1)
 
 
 def _is_jsonl(path: str) -> bool:
@@ -156,9 +183,11 @@ def _safe_cut(buf: bytes, at: int, sep: bytes) -> int:
     return cut if cut > 0 else at  # a cut must make progress
 
 
-def _text_docs(path: str, f, opts: SourceOptions, issues: Issues, pos: list) -> Iterator[tuple[str, str, int]]:
+def _text_docs(path: str, f, opts: SourceOptions, issues: Issues, pos: list,
+               binary_invalid_share: float | None = None) -> Iterator[tuple[str, str, int]]:
     # Reads 1 MiB blocks and cuts with bytes.find: reading line by line (readline and a
-    # Python loop per line) spent 0.33 s on the 5.3 MB of shared/data, this takes ~0.02 s.
+    # Python loop per line) spent 0.33 s on the 5.3 MB benchmark corpus (tinyshakespeare + KJV,
+    # docs/performance.md, "Benchmark corpora"), this takes ~0.02 s.
     chunk, hard = opts.chunk_bytes, 4 * opts.chunk_bytes
     sep = SEPARATOR.encode("utf-8")
     buf = b""
@@ -169,9 +198,14 @@ def _text_docs(path: str, f, opts: SourceOptions, issues: Issues, pos: list) -> 
         block = f.read(READ_BLOCK)
         if first:
             first = False
-            if b"\x00" in block[:8192]:
+            if b"\x00" in block[:SNIFF_BYTES]:
                 issues.add("binary", path, 1, "NUL byte in the first 8 KiB; file skipped")
                 return
+            if binary_invalid_share is not None:
+                share = invalid_utf8_share(block[:SNIFF_BYTES])
+                if share > binary_invalid_share:
+                    issues.add("binary", path, 1, f"{share:.0%} of the first 8 KiB is not UTF-8; file skipped")
+                    return
         eof = not block
         buf += block
         while buf:
@@ -229,7 +263,8 @@ def _split_long(text: str, chunk: int):
     yield text
 
 
-def _jsonl_docs(path: str, f, opts: SourceOptions, issues: Issues, pos: list) -> Iterator[tuple[str, str, int]]:
+def _jsonl_docs(path: str, f, opts: SourceOptions, issues: Issues, pos: list,
+                binary_invalid_share: float | None = None) -> Iterator[tuple[str, str, int]]:
     for lineno, raw in enumerate(f, 1):
         pos[0] = lineno + 1
         if not raw.strip():
@@ -258,8 +293,13 @@ def _jsonl_docs(path: str, f, opts: SourceOptions, issues: Issues, pos: list) ->
             yield text, path, lineno
 
 
-def iter_documents(files, opts: SourceOptions, issues: Issues) -> Iterator[tuple[str, str, int]]:
-    """Stream ``(text, file, line)`` for every document in ``files``; never raises on bad input."""
+def iter_documents(files, opts: SourceOptions, issues: Issues,
+                   binary_invalid_share: float | None = None) -> Iterator[tuple[str, str, int]]:
+    """Stream ``(text, file, line)`` for every document in ``files``; never raises on bad input.
+
+    Bad input is recorded in ``issues`` as it is met (a caller that wants to stop at the first
+    one checks ``issues.counts`` after each document). ``binary_invalid_share``: see the
+    module docstring (None: only NUL bytes mark a binary file)."""
     for path in files:
         try:
             st = os.stat(path)
@@ -273,7 +313,7 @@ def iter_documents(files, opts: SourceOptions, issues: Issues) -> Iterator[tuple
         pos = [1]  # the line a read failure happened on, kept up to date by the reader
         try:
             with _open(path) as f:
-                yield from reader(path, f, opts, issues, pos)
+                yield from reader(path, f, opts, issues, pos, binary_invalid_share)
         except (OSError, EOFError, zlib.error) as e:
             # the partial document being assembled is lost; those already yielded are kept
             issues.add("unreadable", path, pos[0], f"{type(e).__name__}: {e}")

@@ -1,8 +1,10 @@
 """``tinylm tokenizer train|encode|decode``: train a BPE tokenizer on files, inspect encodings.
 
 ``train`` streams each ``--data`` file in ~1 MB pieces cut at line ends (one document per file,
-so memory stays bounded by the table of distinct pre-tokens); files must be UTF-8, and the
-error names the file and byte offset when one is not. ``encode`` prints ids (``--text`` or
+so memory stays bounded by the table of distinct pre-tokens); a directory means the files
+under it (sorted, hidden names skipped); files must be UTF-8, and the error names the file and
+byte offset when one is not. No text at all is an error; text too short for ``--vocab-size``
+gives a smaller tokenizer, and the closing line says so. ``encode`` prints ids (``--text`` or
 stdin); ``decode`` prints text. Importing this module imports nothing heavy.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     t = sub.add_parser("train", help="learn merges from text files")
-    t.add_argument("--data", nargs="+", required=True, metavar="PATH", help="UTF-8 text files")
+    t.add_argument("--data", nargs="+", required=True, metavar="PATH", help="UTF-8 text files or directories of them")
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + specials")
     t.add_argument("--out", required=True, metavar="FILE", help="tokenizer JSON to write")
     t.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
@@ -77,8 +79,18 @@ def _train(args) -> int:
     from tinylm.tokenizer import BPETokenizer
     from tinylm.tokenizer.train import WordCounter
 
+    files = []
     for path in args.data:
-        if not os.path.isfile(path):
+        if os.path.isdir(path):
+            from tinylm.data.sources import SourceOptions, list_files
+
+            found = list_files([path], SourceOptions())
+            if not found:
+                raise ValueError(f"--data {path}: the directory contains no files")
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
             raise FileNotFoundError(f"--data {path}: no such file")
     specials = list(dict.fromkeys(args.special))
     if args.vocab_size < 256 + len(specials):
@@ -89,7 +101,7 @@ def _train(args) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(os.path.getsize(p) for p in args.data), unit="B", unit_scale=True, desc="counting", leave=False)
+        bar = tqdm(total=sum(os.path.getsize(p) for p in files), unit="B", unit_scale=True, desc="counting", leave=False)
 
     def pieces(path):
         for piece in read_pieces(path):
@@ -97,14 +109,20 @@ def _train(args) -> int:
             if bar is not None:
                 bar.update(len(piece.encode("utf-8", "surrogatepass")))
 
-    for path in args.data:
+    for path in files:
         wc.add_stream(pieces(path))
     if bar is not None:
         bar.close()
+    wc._flush()  # counts what is still batched, so bytes_seen is the total
+    if wc.bytes_seen == 0:
+        raise ValueError(f"--data {' '.join(args.data)}: no text to train on (the files are empty); "
+                         f"no tokenizer written")
     tok._train_from_counter(wc, args.vocab_size, specials, not args.no_progress)
     tok.save(args.out)
+    short = (f"; fewer than the {args.vocab_size} asked for: the text ran out of pairs to merge"
+             if tok.vocab_size < args.vocab_size else "")
     print(f"wrote {args.out}: {tok.vocab_size} tokens ({len(tok.merges)} merges, {len(specials)} special), "
-          f"{wc.bytes_seen:,} bytes of text", file=sys.stderr)
+          f"{wc.bytes_seen:,} bytes of text{short}", file=sys.stderr)
     return 0
 
 
