@@ -113,14 +113,23 @@ class Module:
 
 
 class Linear(Module):
-    """y = x @ weight + bias, weight (in, out): GPT-2's Conv1D layout."""
+    """y = x @ W + bias. ``layout="in_out"``: weight (in, out), GPT-2's Conv1D layout;
+    ``layout="out_in"``: weight (out, in), PyTorch's nn.Linear (Llama's checkpoints), computed
+    as x @ weight^T without a transpose op."""
 
-    def __init__(self, n_in: int, n_out: int, bias: bool = True, rng=None, std: float = 0.02, dtype=np.float32):
+    def __init__(self, n_in: int, n_out: int, bias: bool = True, rng=None, std: float = 0.02, dtype=np.float32,
+                 layout: str = "in_out"):
+        if layout not in ("in_out", "out_in"):
+            raise ValueError(f"Linear: layout must be 'in_out' or 'out_in', got {layout!r}")
         rng = rng if rng is not None else np.random.default_rng()
-        self.weight = Parameter(rng.normal(0.0, std, (n_in, n_out)), dtype=dtype)
+        self.layout = layout
+        shape = (n_in, n_out) if layout == "in_out" else (n_out, n_in)
+        self.weight = Parameter(rng.normal(0.0, std, shape), dtype=dtype)
         self.bias = Parameter(np.zeros(n_out), dtype=dtype) if bias else None
 
     def forward(self, x):
+        if self.layout == "out_in":
+            return F.linear_t(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -135,6 +144,17 @@ class LayerNorm(Module):
     def forward(self, x):
         b = self.bias if self.bias is not None else self._zero
         return F.layer_norm(x, self.weight, b, self.eps)
+
+
+class RMSNorm(Module):
+    """Llama's norm: x / sqrt(mean(x^2) + eps) * weight (no mean subtraction, no bias)."""
+
+    def __init__(self, n: int, eps: float = 1e-6, dtype=np.float32):
+        self.weight = Parameter(np.ones(n), dtype=dtype)
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight, self.eps)
 
 
 class Embedding(Module):
