@@ -1,9 +1,13 @@
 """Benchmark: one full training step (forward, backward, clip, AdamW) and KV-cache generation,
-tinylm against the same GPT written in PyTorch (CPU, eager), in one run.
+tinylm against the same GPT (and the same Llama) written in PyTorch (CPU, eager), in one run.
 
 Configs (issue 5):   S: 4 layers, 4 heads, 128 wide, T=128, B=16, V=1024
                      M: 6 layers, 6 heads, 384 wide, T=256, B=8,  V=8192
                      L: 12 layers, 12 heads, 768 wide, T=256, B=4, V=50304 (GPT-2 124M)
+Llama rows (``--llama-configs``, default M): the same widths, depths, T, B and V as a Llama
+(RMSNorm, RoPE, SwiGLU with 8/3 C hidden, untied head, no biases) with grouped-query attention
+(n_head / 3 kv heads: 2 at M); the PyTorch side is the same Llama in eager mode with SDPA
+(``enable_gqa``), weights read from tinylm's ``save_hf`` output.
 
 How it measures, so the ratios mean something on a noisy 2-core machine:
 - every (config, framework) runs in its own fresh subprocess, one after the other, with the same
@@ -24,7 +28,8 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   resident set at the reset; "peak" is the whole process. Where clear_refs cannot be written,
   ``ru_maxrss`` is used instead and the table says so;
 - GFLOP/s = flops_per_token * tokens / s, with flops_per_token = 6 N + 12 n_layer T C
-  (N: parameters without the position table, the tied head counted once; PERF-NOTES);
+  (N: parameters without the position table, the tied head counted once; docs/performance.md,
+  "PyTorch reference points");
 - ``--rounds R`` runs the (tinylm, PyTorch) pair R times alternating and keeps each one's
   fastest round: on a shared machine a burst of someone else's load then hits both alike;
 - generation: config M, batch 1, a 16-token prompt, greedy, ``--gen-tokens`` new tokens with a
@@ -39,7 +44,8 @@ Usage: .venv/bin/python benchmarks/train_step.py [--configs S,M,L] [--steps N] [
        [--threads 2] [--gen-tokens 200] [--no-gen] [--no-profile] [--profile-config M] [--json FILE]
 L needs ~3-4 GB and a minute or more per framework on 2 cores: leave it out with --configs S,M.
 PyTorch is optional: without it only tinylm's columns are printed.
-Leaves out: GPU (a later issue), torch.compile (PERF-NOTES: 43 s to compile at M, no faster).
+Leaves out: GPU (a later issue), torch.compile (43 s to compile at M, no faster: docs/performance.md,
+"PyTorch reference points").
 """
 from __future__ import annotations
 
@@ -68,6 +74,20 @@ CONFIGS = {
     "L": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch=4, vocab_size=50304),
 }
 DEFAULT_STEPS = {"S": 10, "M": 6, "L": 3}
+
+
+def config_of(name: str) -> dict:
+    """"M" -> the GPT config M; "llama-M" -> the Llama of the same size (GQA: n_head / 3 kv heads)."""
+    if name.startswith("llama-"):
+        c = dict(CONFIGS[name[len("llama-"):]], model="llama")
+        c["n_kv_head"] = c["n_head"] // 3 if c["n_head"] % 3 == 0 else c["n_head"] // 2
+        c["ffn_hidden"] = 32 * -(-8 * c["n_embd"] // (3 * 32))
+        return c
+    return dict(CONFIGS[name], model="gpt")
+
+
+def base_name(name: str) -> str:
+    return name[len("llama-"):] if name.startswith("llama-") else name
 N_BATCHES = 4          # distinct token batches, cycled: the same in both frameworks
 PROMPT_LEN = 16
 LR, BETAS, WD, CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0
@@ -75,6 +95,10 @@ LR, BETAS, WD, CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0
 
 def flops_per_token(c: dict) -> float:
     C, L = c["n_embd"], c["n_layer"]
+    if c.get("model") == "llama":
+        kv = c["n_kv_head"] * (C // c["n_head"])
+        n = 2 * c["vocab_size"] * C + L * (2 * C * C + 2 * C * kv + 3 * C * c["ffn_hidden"] + 2 * C) + C
+        return 6.0 * n + 12.0 * L * c["block_size"] * C
     n = c["vocab_size"] * C + L * (12 * C * C + 13 * C) + 2 * C  # wte + blocks + ln_f
     return 6.0 * n + 12.0 * L * c["block_size"] * C
 
@@ -138,9 +162,15 @@ def worker_tinylm(c: dict, args) -> dict:
     del tiny, topt, l0
 
     base, resettable = reset_peak()
-    cfg = GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                    vocab_size=c["vocab_size"])
-    model = GPT(cfg, seed=0)
+    if c["model"] == "llama":
+        from tinylm.models import Llama, LlamaConfig
+
+        model = Llama(LlamaConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_kv_head=c["n_kv_head"],
+                                  n_embd=c["n_embd"], block_size=c["block_size"], vocab_size=c["vocab_size"],
+                                  ffn_hidden=c["ffn_hidden"]), seed=0)
+    else:
+        model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                              block_size=c["block_size"], vocab_size=c["vocab_size"]), seed=0)
     if args.init_dir:
         model.save_hf(args.init_dir)  # the torch worker starts from these weights
     res = {"params": model.num_params(), "flops_per_token": model.flops_per_token(c["block_size"])}
@@ -316,6 +346,100 @@ def torch_model(c: dict, init_dir: str):
     return m
 
 
+def torch_llama(c: dict, init_dir: str):
+    """Llama in PyTorch eager (SDPA with enable_gqa), with Hugging Face's parameter names, so the
+    weights tinylm's save_hf wrote copy in by name (both keep nn.Linear's (out, in) layout)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as TF
+    from safetensors import safe_open
+
+    C, nh, nkv = c["n_embd"], c["n_head"], c["n_kv_head"]
+    hs, Fh, T = C // nh, c["ffn_hidden"], c["block_size"]
+    inv = 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).float()  # (T, hs): Hugging Face's half-split layout
+    sin = torch.cat([ang.sin(), ang.sin()], -1).float()
+
+    def rope(x, start):  # x (B, H, Tn, hs)
+        Tn = x.shape[2]
+        cs, sn = cos[start:start + Tn], sin[start:start + Tn]
+        x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
+        return x * cs + torch.cat([-x2, x1], -1) * sn
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj = nn.Linear(C, nh * hs, bias=False), nn.Linear(C, nkv * hs, bias=False)
+            self.v_proj, self.o_proj = nn.Linear(C, nkv * hs, bias=False), nn.Linear(nh * hs, C, bias=False)
+
+        def forward(self, x, cache=None, start=0):
+            B, Tn, _ = x.shape
+            q = rope(self.q_proj(x).view(B, Tn, nh, hs).transpose(1, 2), start)
+            k = rope(self.k_proj(x).view(B, Tn, nkv, hs).transpose(1, 2), start)
+            v = self.v_proj(x).view(B, Tn, nkv, hs).transpose(1, 2)
+            if cache is not None:
+                K, V = cache
+                K[:, :, start:start + Tn], V[:, :, start:start + Tn] = k, v
+                k, v = K[:, :, :start + Tn], V[:, :, :start + Tn]
+            y = TF.scaled_dot_product_attention(q, k, v, is_causal=Tn > 1, enable_gqa=True)
+            return self.o_proj(y.transpose(1, 2).reshape(B, Tn, C))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(C, Fh, bias=False), nn.Linear(C, Fh, bias=False)
+            self.down_proj = nn.Linear(Fh, C, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(TF.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_layernorm, self.post_attention_layernorm = nn.RMSNorm(C, eps=1e-6), nn.RMSNorm(C, eps=1e-6)
+            self.self_attn, self.mlp = Attn(), MLP()
+
+        def forward(self, x, cache=None, start=0):
+            x = x + self.self_attn(self.input_layernorm(x), cache, start)
+            return x + self.mlp(self.post_attention_layernorm(x))
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(c["vocab_size"], C)
+            self.layers = nn.ModuleList([Layer() for _ in range(c["n_layer"])])
+            self.norm = nn.RMSNorm(C, eps=1e-6)
+
+    class Llama(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+            self.lm_head = nn.Linear(C, c["vocab_size"], bias=False)
+
+        def forward(self, idx, targets=None):
+            x = self.model.embed_tokens(idx)
+            for layer in self.model.layers:
+                x = layer(x)
+            logits = self.lm_head(self.model.norm(x))
+            loss = None if targets is None else TF.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            return logits, loss
+
+        @torch.no_grad()
+        def forward_cached(self, idx, cache, start):  # idx (1, Tn) -> last logits (1, V)
+            x = self.model.embed_tokens(idx)
+            for layer, kv in zip(self.model.layers, cache):
+                x = layer(x, kv, start)
+            return self.lm_head(self.model.norm(x[:, -1]))
+
+    m = Llama()
+    params = dict(m.named_parameters())
+    with safe_open(os.path.join(init_dir, "model.safetensors"), "np") as f, torch.no_grad():
+        for key in f.keys():
+            params[key].copy_(torch.from_numpy(f.get_tensor(key)))
+    return m
+
+
 def worker_torch(c: dict, args) -> dict:
     import torch
 
@@ -331,12 +455,15 @@ def worker_torch(c: dict, args) -> dict:
         del tiny, o
 
     base, resettable = reset_peak()
-    model = torch_model(c, args.init_dir)
+    model = torch_llama(c, args.init_dir) if c["model"] == "llama" else torch_model(c, args.init_dir)
     res = {"params": sum(p.numel() for p in model.parameters())}
     if args.mode == "gen":
         return res | gen_torch(model, c, args) | {"base_kib": base, "peak_kib": read_peak(resettable), "resettable": resettable}
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and n != "wpe.weight"]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and n != "wpe.weight")]
+    if c["model"] == "llama":  # as tinylm's Llama.param_groups: every matrix decays
+        decay = [p for p in model.parameters() if p.dim() == 2]
+        no_decay = [p for p in model.parameters() if p.dim() != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, eps=1e-8, fused=False)  # foreach: PyTorch's default
     data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches(c)]
@@ -385,9 +512,10 @@ def gen_torch(model, c, args) -> dict:
 
     prompt = torch.from_numpy(np.random.default_rng(1).integers(0, c["vocab_size"], (1, PROMPT_LEN)))
     hs = c["n_embd"] // c["n_head"]
+    nkv = c.get("n_kv_head", c["n_head"])
 
     def run(n):
-        cache = [(torch.zeros(1, c["n_head"], c["block_size"], hs), torch.zeros(1, c["n_head"], c["block_size"], hs))
+        cache = [(torch.zeros(1, nkv, c["block_size"], hs), torch.zeros(1, nkv, c["block_size"], hs))
                  for _ in range(c["n_layer"])]
         logits = model.forward_cached(prompt, cache, 0)
         pos, out = PROMPT_LEN, []
@@ -436,7 +564,7 @@ def print_train_table(rows: list[tuple[str, dict, dict | None]]) -> None:
     print("| config | params | framework | ms/step | tokens/s | GFLOP/s | peak RSS MiB | growth MiB | first loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, ours, theirs in rows:
-        c = CONFIGS[name]
+        c = config_of(name)
         tok = c["batch"] * c["block_size"]
         for fw, r in (("tinylm", ours), ("PyTorch", theirs)):
             if r is None:
@@ -489,7 +617,8 @@ def print_profile(name: str, prof: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="tinylm vs PyTorch: training step and KV-cache generation")
-    ap.add_argument("--configs", default="S,M,L", help="comma-separated from S,M,L (default: all)")
+    ap.add_argument("--configs", default="S,M,L", help="GPT configs, comma-separated from S,M,L (default: all)")
+    ap.add_argument("--llama-configs", default="M", help="Llama configs from S,M,L (default M; '' for none)")
     ap.add_argument("--steps", type=int, default=None, help=f"measured steps (default per config: {DEFAULT_STEPS})")
     ap.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 2; 1 for L)")
     ap.add_argument("--threads", type=int, default=2)
@@ -507,17 +636,21 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["train", "gen"], default="train", help=argparse.SUPPRESS)
     ap.add_argument("--init-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    names = [s.strip().upper() for s in args.configs.split(",") if s.strip()]
-    bad = [n for n in names if n not in CONFIGS]
-    if bad or not names:
-        ap.error(f"unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
-    args.steps_for = lambda n: args.steps if args.steps is not None else DEFAULT_STEPS[n]
-    args.warmup_for = lambda n: args.warmup if args.warmup is not None else (1 if n == "L" else 2)
-    if args.worker:
-        args.steps, args.warmup = args.steps_for(names[0]), args.warmup_for(names[0])
+    if args.worker:  # one config, named as config_of knows it ("M", "llama-M")
+        name = args.configs
+        args.steps = args.steps if args.steps is not None else DEFAULT_STEPS[base_name(name)]
+        args.warmup = args.warmup if args.warmup is not None else (1 if base_name(name) == "L" else 2)
         fn = worker_tinylm if args.worker == "tinylm" else worker_torch
-        print("RESULT " + json.dumps(fn(CONFIGS[names[0]], args)), flush=True)
+        print("RESULT " + json.dumps(fn(config_of(name), args)), flush=True)
         return 0
+    names = [s.strip().upper() for s in args.configs.split(",") if s.strip()]
+    llamas = [s.strip().upper() for s in args.llama_configs.split(",") if s.strip()]
+    bad = [n for n in names + llamas if n not in CONFIGS]
+    if bad or not (names or llamas):
+        ap.error(f"unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
+    names += [f"llama-{n}" for n in llamas]
+    args.steps_for = lambda n: args.steps if args.steps is not None else DEFAULT_STEPS[base_name(n)]
+    args.warmup_for = lambda n: args.warmup if args.warmup is not None else (1 if base_name(n) == "L" else 2)
 
     have_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     print(f"threads {args.threads}; PyTorch {'found' if have_torch else 'not used'}; "
@@ -548,23 +681,25 @@ def main(argv=None) -> int:
             theirs = min(runs["torch"], key=lambda r: r["step"]) if runs["torch"] else None
             rows.append((name, ours, theirs))
             results[name] = {"tinylm": ours, "torch": theirs, "rounds": runs}
-        if not args.no_gen:
-            print("generation at M: tinylm ...", end=" ", flush=True)
-            init_dir = os.path.join(tmp, "M-gen")
-            g_ours = run_worker("tinylm", "M", "gen", args, init_dir)
-            g_theirs = run_worker("torch", "M", "gen", args, init_dir) if have_torch else None
+        gen_names = ["M"] + (["llama-M"] if "M" in llamas else [])
+        for gname in ([] if args.no_gen else gen_names):
+            print(f"generation at {gname}: tinylm ...", end=" ", flush=True)
+            init_dir = os.path.join(tmp, f"{gname}-gen")
+            g_ours = run_worker("tinylm", gname, "gen", args, init_dir)
+            g_theirs = run_worker("torch", gname, "gen", args, init_dir) if have_torch else None
             print("done", flush=True)
-            results["generation_M"] = {"tinylm": g_ours, "torch": g_theirs}
+            results[f"generation_{gname}"] = {"tinylm": g_ours, "torch": g_theirs}
 
     print_train_table(rows)
     for name, ours, theirs in rows:
-        if name in ("M", args.profile_config.upper()) or len(rows) == 1:
+        if name in ("M", "llama-M", args.profile_config.upper()) or len(rows) == 1:
             print_parts(name, ours, theirs)
         if "profile" in ours:
             print_profile(name, ours["profile"])
-    if not args.no_gen:
-        g_ours, g_theirs = results["generation_M"]["tinylm"], results["generation_M"]["torch"]
-        print(f"\n## Generation, config M, batch 1, KV cache, greedy, {PROMPT_LEN}-token prompt + {args.gen_tokens} new\n")
+    for gname in ([] if args.no_gen else gen_names):
+        g_ours, g_theirs = results[f"generation_{gname}"]["tinylm"], results[f"generation_{gname}"]["torch"]
+        print(f"\n## Generation, config {gname}, batch 1, KV cache, greedy, {PROMPT_LEN}-token prompt + "
+              f"{args.gen_tokens} new\n")
         print("| framework | tokens/s | ms/token |")
         print("|---|---|---|")
         for fw, g in (("tinylm", g_ours), ("PyTorch", g_theirs)):
