@@ -19,8 +19,10 @@ import traceback
 
 import numpy as np
 
+from kernels.lab import gpu_kernels_for_ptx, variants
+
 FAMILIES = ("layernorm", "gelu", "cross_entropy", "attention", "embedding", "adamw", "gradnorm",
-            "matmul")
+            "matmul", "rmsnorm", "rope", "swiglu")
 
 
 def _cases(dt, rng):
@@ -35,9 +37,15 @@ def _cases(dt, rng):
     z[2, :] -= 1000.0
     tg = np.array([5, 7, -100])
     lse = importlib.import_module("kernels.cross_entropy").cross_entropy_fwd_ref(z, tg, -100)[1]
-    q, k, v, d = (f(1, 2, 70, 4) for _ in range(4))  # 140 query rows: 2 blocks of 128
+    # grouped-query: 4 query heads over 2 kv heads; 280 query rows: 3 blocks of 128, 140 key rows
+    q, d = f(1, 4, 70, 4), f(1, 4, 70, 4)
+    k, v = f(1, 2, 70, 4), f(1, 2, 70, 4)
     o, l = importlib.import_module("kernels.attention").attention_fwd_ref(q, k, v)
     ids = np.array([[1, 3, 3, 0, 10], [3, 1, 1, 1, 9], [0, 0, 2, 3, 3]])  # duplicates, V=11
+    rstd = importlib.import_module("kernels.rmsnorm").rmsnorm_fwd_ref(x, f(200), 1e-6)[1]
+    cos, sin = importlib.import_module("kernels.rope").rope_tables(10, np.arange(3, 8), dtype=dt)
+    sw = f(2, 300, scale=3.0)
+    sw[0, :4] = (-30.0, 30.0, -100.0, 100.0)  # saturated gates
     return {
         "layernorm_fwd": ((x, f(200), f(200), 1e-5), ()),
         "layernorm_bwd": ((f(3, 200), x, f(200), mean, rstd), ()),
@@ -54,6 +62,13 @@ def _cases(dt, rng):
         "sumsq": ((f(600),), ()),
         "matmul": ((f(20, 17), f(17, 35)), ()),  # 3 x 2 blocks of 16 x 16
         "matmul_acc": ((f(20, 17), f(17, 35), f(20, 35)), (2,)),
+        "rmsnorm_fwd": ((x, f(200), 1e-6), ()),  # C=200 > 128 threads: the strided row loop
+        "rmsnorm_bwd": ((f(3, 200), x, f(200), rstd), ()),
+        # 2*5*6 heads x 5 pairs = 300 threads: 2 blocks; odd T, odd pair count, positions 3..7
+        "rope_fwd": ((f(2, 5, 6, 10), cos, sin, False), ()),
+        "rope_bwd": ((f(2, 5, 6, 10), cos, sin, True), ()),
+        "swiglu_fwd": ((sw, f(2, 300)), ()),  # 600 elements: 3 blocks of 256
+        "swiglu_bwd": ((f(2, 300), sw, f(2, 300)), ()),
     }
 
 
@@ -73,8 +88,7 @@ def check_sim() -> int:
     for dt, tol in ((np.float32, 2e-5), (np.float64, 1e-12)):
         cases = _cases(dt, np.random.default_rng(0))
         for fam in FAMILIES:
-            mod = importlib.import_module(f"kernels.{fam}")
-            for op, table in mod.VARIANTS.items():
+            for op, table in variants(fam).items():  # the lab's variants included
                 args, inplace = cases[op]
                 want = _run(table["ref"], args, inplace)
                 for name, fn in table.items():
@@ -100,8 +114,7 @@ def check_ptx() -> int:
     from numba import cuda
     bad = 0
     for fam in FAMILIES:
-        mod = importlib.import_module(f"kernels.{fam}")
-        for name, pyfunc, sig in mod.gpu_kernels_for_ptx():
+        for name, pyfunc, sig in gpu_kernels_for_ptx(fam):  # the lab's kernels included
             for cc in ((8, 0), (9, 0)):
                 what = f"ptx {name} sm_{cc[0]}{cc[1]}"
                 try:

@@ -251,3 +251,25 @@ def test_exact_resume_for_both_models(model, tmp_path):
     assert m.model_type == model
     for (n, p), (_, q) in zip(m.named_parameters(), straight["model"].named_parameters()):
         np.testing.assert_array_equal(p.data, q.data, err_msg=n)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_rows_at_different_positions_decode_as_if_alone(kind):
+    """Batched decoding (a server's slots): rows prefilled alone into their rows of one cache, at
+    different lengths, then stepped together with a start per row, give each row's own logits."""
+    m = make(kind)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 23, n) for n in (3, 7, 5)]
+    cache = m.new_cache(3)
+    with tinylm.no_grad():
+        for r, p in enumerate(prompts):
+            m(p[None], cache=cache.row(r), start=0)
+        seqs = [list(p) for p in prompts]
+        for _ in range(4):
+            nxt = rng.integers(0, 23, (3, 1))
+            start = np.array([len(s) for s in seqs])
+            got = m(nxt, cache=cache, start=start)[0].numpy()[:, -1]
+            for r in range(3):
+                seqs[r].append(int(nxt[r, 0]))
+                alone = m(np.array(seqs[r])[None])[0].numpy()[0, -1]
+                np.testing.assert_allclose(got[r], alone, rtol=1e-5, atol=1e-5)

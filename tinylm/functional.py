@@ -255,9 +255,12 @@ class CausalSelfAttention(Function):
 
 
 def causal_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(hs), masked to j <= t) v on (B, NH, T, hs) tensors."""
-    if not (q.shape == k.shape == v.shape) or q.ndim != 4:
-        raise ValueError(f"causal_self_attention: q, k, v must share one (B, NH, T, hs) shape, got {q.shape}, {k.shape}, {v.shape}")
+    """softmax(q k^T / sqrt(hs), masked to j <= t) v on q (B, NH, T, hs) and k, v
+    (B, NKV, T, hs) tensors, NKV dividing NH (grouped-query attention: query head h reads kv
+    head h // (NH / NKV); NKV = NH is standard multi-head attention)."""
+    ok = q.ndim == 4 and k.shape == v.shape and k.ndim == 4 and k.shape[1] >= 1
+    if not ok or (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]) or q.shape[1] % k.shape[1]:
+        raise ValueError(f"causal_self_attention: need q (B, NH, T, hs) and k, v of one shape (B, NKV, T, hs) with NKV dividing NH, got {q.shape}, {k.shape}, {v.shape}")
     return CausalSelfAttention.apply(q, k, v)
 
 

@@ -37,16 +37,36 @@ class LanguageModel(Module):
             raise ValueError(f"{type(self).__name__}: idx must be (B, T), got shape {idx.shape}")
         T = idx.shape[1]
         if cache is None:
-            if start not in (None, 0):
+            if start is not None and np.any(np.asarray(start) != 0):
                 raise ValueError(f"{type(self).__name__}: start={start} needs a cache")
             start = 0
         elif start is None:
             start = cache.pos
         bs = self.config.block_size
+        if not isinstance(start, (int, np.integer)):  # one position per row (batched decoding)
+            start = np.asarray(start, dtype=np.int64)
+            if start.shape != (idx.shape[0],) or (start < 0).any():
+                raise ValueError(f"{type(self).__name__}: per-row start must be ({idx.shape[0]},) non-negative ints")
+            if int(start.max()) + T > bs:
+                raise ValueError(f"{type(self).__name__}: positions up to {int(start.max()) + T - 1} are longer than "
+                                 f"block_size={bs}")
+            return self._dev(idx), start
         if start + T > bs:
             what = f"sequence of length {T}" if start == 0 else f"positions {start}..{start + T - 1}"
             raise ValueError(f"{type(self).__name__}: {what} is longer than block_size={bs}")
         return self._dev(idx), int(start)
+
+    @staticmethod
+    def _positions(start, T: int):
+        """Positions of the T new tokens: (T,) for one start, (B, T) for a start per row."""
+        if isinstance(start, (int, np.integer)):
+            return np.arange(start, start + T)
+        return start[:, None] + np.arange(T)[None, :]
+
+    @staticmethod
+    def _advance(cache, start, T: int) -> None:
+        if cache is not None:
+            cache.pos = start + T if isinstance(start, (int, np.integer)) else int(start.max()) + T
 
     def _dev(self, a):
         return to_device(a, "gpu") if self.on_gpu else a

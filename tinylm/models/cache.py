@@ -5,8 +5,13 @@
 values at ``start`` and attends over positions ``0 .. start + T``; ``cache.pos`` is how many
 positions are filled. It is plain arrays (no autograd): a cache is for inference.
 
+Rows of one batch may sit at different positions (a server decoding many requests together):
+then ``start`` is an int array (B,), each row writes at its own position, and attention masks
+each row's keys past its own end. ``row(r)`` is a batch-1 view of row r, so a request's prompt
+can be prefilled into its row alone.
+
 Leaves out: paged or ring-buffer caches (when the context fills, tinylm.generate restarts the
-cache from the last half window), per-row lengths (rows of one batch share positions).
+cache from the last half window).
 """
 from __future__ import annotations
 
@@ -22,15 +27,30 @@ class KVCache:
         self.max_len, self.batch = max_len, batch
         self.pos = 0  # positions 0 .. pos-1 hold keys and values
 
-    def update(self, layer: int, k, v, start: int):
-        """Store k, v (B, NKV, T, hs) at positions start..start+T-1; return the keys and values
-        of positions 0..start+T-1 (views)."""
+    def row(self, r: int) -> "KVCache":
+        """A batch-1 cache whose arrays are views of row r of this one."""
+        view = KVCache.__new__(KVCache)
+        view.k = [K[r:r + 1] for K in self.k]
+        view.v = [V[r:r + 1] for V in self.v]
+        view.max_len, view.batch, view.pos = self.max_len, 1, 0
+        return view
+
+    def update(self, layer: int, k, v, start):
+        """Store k, v (B, NKV, T, hs) at positions start..start+T-1 (``start`` an int, or one
+        per row); return the keys and values of positions 0..max(start)+T-1 (views)."""
         T = k.shape[2]
-        if start < 0 or start + T > self.max_len:
-            raise ValueError(f"KV cache: positions {start}..{start + T - 1} do not fit in its {self.max_len}")
+        per_row = not isinstance(start, (int, np.integer))
+        lo, hi = (int(np.min(start)), int(np.max(start))) if per_row else (start, start)
+        if lo < 0 or hi + T > self.max_len:
+            raise ValueError(f"KV cache: positions {lo}..{hi + T - 1} do not fit in its {self.max_len}")
         if k.shape[0] != self.batch:
             raise ValueError(f"KV cache: built for batch {self.batch}, got {k.shape[0]} rows")
         K, V = self.k[layer], self.v[layer]
-        K[:, :, start:start + T] = k
-        V[:, :, start:start + T] = v
-        return K[:, :, :start + T], V[:, :, :start + T]
+        if per_row:
+            for b, s0 in enumerate(np.asarray(start).tolist()):
+                K[b, :, s0:s0 + T] = k[b]
+                V[b, :, s0:s0 + T] = v[b]
+        else:
+            K[:, :, start:start + T] = k
+            V[:, :, start:start + T] = v
+        return K[:, :, :hi + T], V[:, :, :hi + T]

@@ -114,15 +114,14 @@ class GPT(LanguageModel):
         cache.pos) and attend over the cached ones; the cache then holds start + T positions."""
         idx, start = self._check_input(idx, cache, start)
         T = idx.shape[1]
-        pos = self.xp.arange(start, start + T)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) + (T, C)
+        pos = self._dev(self._positions(start, T))
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) + (T, C), or + (B, T, C) with a start per row
         x = F.dropout(x, self.config.dropout, self.training, self.dropout_rng)
         for layer, block in enumerate(self.h):
             x = block(x, self.dropout_rng, cache, layer, start)
         x = self.ln_f(x)
         logits = F.linear_t(x, self.wte.weight)  # tied head: (B, T, C) @ (V, C)^T
-        if cache is not None:
-            cache.pos = start + T
+        self._advance(cache, start, T)
         loss = None if targets is None else F.cross_entropy(logits, targets, ignore_index)
         return logits, loss
 

@@ -95,8 +95,16 @@ class LlamaAttention(Module):
         q = self.q_proj(x).reshape(B, T, self.n_head, self.hs)
         k = self.k_proj(x).reshape(B, T, self.n_kv_head, self.hs)
         v = self.v_proj(x).reshape(B, T, self.n_kv_head, self.hs)
-        q = F.rope(q, cos, sin, self.interleaved).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
-        k = F.rope(k, cos, sin, self.interleaved).transpose(0, 2, 1, 3)  # (B, NKV, T, hs)
+        if cos.ndim == 3:  # a position per row (batched decoding): rotate the B*T rows as one sequence
+            cs, sn = cos.reshape(B * T, -1), sin.reshape(B * T, -1)
+            q = F.rope(q.reshape(1, B * T, self.n_head, self.hs), cs, sn, self.interleaved).reshape(B, T, self.n_head, self.hs)
+            k = F.rope(k.reshape(1, B * T, self.n_kv_head, self.hs), cs, sn, self.interleaved).reshape(
+                B, T, self.n_kv_head, self.hs)
+        else:
+            q = F.rope(q, cos, sin, self.interleaved)
+            k = F.rope(k, cos, sin, self.interleaved)
+        q = q.transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+        k = k.transpose(0, 2, 1, 3)  # (B, NKV, T, hs)
         v = v.transpose(0, 2, 1, 3)
         y = F.causal_attention(q, k, v, cache, layer, start)  # (B, NH, T, hs)
         return self.o_proj(y.transpose(0, 2, 1, 3).reshape(B, T, C))
@@ -155,15 +163,15 @@ class Llama(LanguageModel):
         KV cache the T tokens sit at positions start.. (default cache.pos)."""
         idx, start = self._check_input(idx, cache, start)
         T = idx.shape[1]
-        cos, sin = self._cos[start:start + T], self._sin[start:start + T]
+        pos = self._dev(self._positions(start, T))  # (T,), or (B, T) with a start per row
+        cos, sin = self._cos[pos], self._sin[pos]
         x = self.embed_tokens(idx)
         for layer, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, layer, start)
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear_t(x, head)  # (B, T, C) @ (V, C)^T
-        if cache is not None:
-            cache.pos = start + T
+        self._advance(cache, start, T)
         loss = None if targets is None else F.cross_entropy(logits, targets, ignore_index)
         return logits, loss
 
