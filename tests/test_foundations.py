@@ -273,3 +273,23 @@ def test_rows_at_different_positions_decode_as_if_alone(kind):
                 seqs[r].append(int(nxt[r, 0]))
                 alone = m(np.array(seqs[r])[None])[0].numpy()[0, -1]
                 np.testing.assert_allclose(got[r], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_trains_a_llama_and_samples_it(tmp_path):
+    import subprocess
+    import sys
+
+    corpus = _corpus(tmp_path / "c")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tinylm", *a], capture_output=True, text=True,  # noqa: E731
+                                    timeout=600, cwd=tmp_path)
+    # overrides before, between and after the flags (--data takes several paths)
+    r = run("train", "model=llama", "--data", str(corpus), "n_kv_head=1", "--out", str(tmp_path / "run"),
+            "--max-steps", "4", "vocab_size=300", "n_layer=1", "n_embd=16", "n_head=2", "block_size=16",
+            "batch_size=4", "eval_interval=2", "eval_batches=1", "sample_tokens=0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "model: llama" in r.stdout and "1 kv heads" in r.stdout
+    r = run("sample", "--ckpt", str(tmp_path / "run" / "checkpoint"), "--prompt", "the", "--max-new-tokens", "8",
+            "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("the"), r.stderr
+    m, _ = tinylm.load(tmp_path / "run" / "checkpoint")
+    assert isinstance(m, Llama) and m.config.n_kv_head == 1

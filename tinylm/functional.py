@@ -240,7 +240,7 @@ def embedding(ids, weight: Tensor) -> Tensor:
 
 # ---- causal self-attention ------------------------------------------------------------------
 class CausalSelfAttention(Function):
-    def forward(self, q, k, v):  # (B, NH, T, hs) x3 -> (B, NH, T, hs)
+    def forward(self, q, k, v):  # (B, NH, T, hs), (B, NKV, T, hs) x2 -> (B, NH, T, hs)
         xp = xp_of(q)
         q, k, v = (_contig(xp, a) for a in (q, k, v))
         self.out, self.lse = _k("attention_fwd", q)(q, k, v)
