@@ -36,6 +36,15 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   KV cache (tinylm's ``generate_iter``; a plain KV-cache loop over the same weights in torch);
   tokens/s over the new tokens, the prompt's prefill included; the two token sequences are
   compared (same weights, greedy: they agree until a near-tie in float32 rounding).
+- the OpenBLAS override: these machines set OPENBLAS_CORETYPE=Haswell and OPENBLAS_L2_SIZE=512
+  (docs/performance.md), which make NumPy's OpenBLAS run its AVX2 kernels on an AVX-512 CPU. A
+  user's machine has no such override. ``--blas-env both`` (the default) runs every measurement
+  twice: with the environment as it is, and with both variables removed from the workers'
+  environment (never from tests or CI). Each mode prints the kernel OpenBLAS chose
+  (``openblas_get_corename``, threadpoolctl's "architecture") and the machine's float32 GEMM
+  ceiling measured in that mode (np.matmul 4096^3 on OpenBLAS's own threads, best of 3), and the
+  table gives each training step's GFLOP/s as a share of it. PyTorch's CPU build uses MKL, which
+  the variables do not touch (on this AMD CPU MKL runs its generic AVX2 path);
 - the per-op profile (config M by default; ``--profile-config S`` for another, ``--no-profile``
   for none) runs two more tinylm steps with every Function's forward and backward timed, and
   prints where the step goes per op (Linear split by weight shape).
@@ -534,8 +543,36 @@ def gen_torch(model, c, args) -> dict:
 
 
 # ---- parent: run the workers, print the table -------------------------------------------------
+BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def worker_ceiling(args) -> dict:
+    """float32 GEMM 4096^3 through NumPy on OpenBLAS's own pool: the machine's ceiling here."""
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    from kernels._blas import blas_info, set_blas_threads
+
+    set_blas_threads(args.threads)
+    n = 4096
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(3))
+    return {"gflops": 2 * n ** 3 / best / 1e9, **blas_info()}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def run_worker(framework: str, cfg_name: str, mode: str, args, init_dir: str, profile: bool = False) -> dict:
     env = dict(os.environ)
+    if getattr(args, "blas_mode", "as-is") == "unset":
+        for v in BLAS_VARS:
+            env.pop(v, None)
     n = str(args.threads)
     env.update(TINYLM_NUM_THREADS=n, NUMBA_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -559,10 +596,14 @@ def mib(kib: float) -> str:
     return f"{kib / 1024:,.0f}"
 
 
-def print_train_table(rows: list[tuple[str, dict, dict | None]]) -> None:
-    print("\n## Training step (forward, backward, clip, AdamW), fp32, median of the measured steps\n")
-    print("| config | params | framework | ms/step | tokens/s | GFLOP/s | peak RSS MiB | growth MiB | first loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def print_train_table(rows: list[tuple[str, dict, dict | None]], mode: str = "as-is", ceiling: dict | None = None) -> None:
+    what = {"as-is": "the environment as it is", "unset": "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset"}[mode]
+    print(f"\n## Training step (forward, backward, clip, AdamW), fp32, median of the measured steps: {what}\n")
+    if ceiling:
+        print(f"OpenBLAS kernels: {ceiling['corename'] or '?'}; float32 GEMM ceiling (4096^3, 2 threads): "
+              f"{ceiling['gflops']:,.0f} GFLOP/s\n")
+    print("| config | params | framework | ms/step | tokens/s | GFLOP/s | share of ceiling | peak RSS MiB | growth MiB | first loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, ours, theirs in rows:
         c = config_of(name)
         tok = c["batch"] * c["block_size"]
@@ -570,8 +611,10 @@ def print_train_table(rows: list[tuple[str, dict, dict | None]]) -> None:
             if r is None:
                 continue
             tps = tok / r["step"]
+            gf = flops_per_token(c) * tps / 1e9
+            share = f"{100 * gf / ceiling['gflops']:.0f}%" if ceiling else ""
             print(f"| {name} | {r['params'] / 1e6:.1f}M | {fw} | {r['step'] * 1e3:,.0f} | {tps:,.0f} | "
-                  f"{flops_per_token(c) * tps / 1e9:,.1f} | {mib(r['peak_kib'])} | {mib(r['peak_kib'] - r['base_kib'])} | "
+                  f"{gf:,.1f} | {share} | {mib(r['peak_kib'])} | {mib(r['peak_kib'] - r['base_kib'])} | "
                   f"{r['losses'][0]:.4f} |")
     if any(t is not None for _, _, t in rows):
         print("\n| config | tokens/s ratio tinylm/PyTorch | peak RSS ratio | growth ratio | first-loss difference |")
@@ -615,50 +658,11 @@ def print_profile(name: str, prof: dict) -> None:
     print(f"| step (timed, with timers' overhead) | {total * 1e3:,.1f} | 100% |")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="tinylm vs PyTorch: training step and KV-cache generation")
-    ap.add_argument("--configs", default="S,M,L", help="GPT configs, comma-separated from S,M,L (default: all)")
-    ap.add_argument("--llama-configs", default="M", help="Llama configs from S,M,L (default M; '' for none)")
-    ap.add_argument("--steps", type=int, default=None, help=f"measured steps (default per config: {DEFAULT_STEPS})")
-    ap.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 2; 1 for L)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run each config's pair of workers this many times, alternating; report each "
-                         "framework's fastest round (for a machine whose load varies)")
-    ap.add_argument("--gen-tokens", type=int, default=200)
-    ap.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
-    ap.add_argument("--no-torch", action="store_true", help="tinylm only")
-    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)  # worker flag
-    ap.add_argument("--no-profile", action="store_true", help="skip the per-op profile")
-    ap.add_argument("--profile-config", default="M", help="config to profile per op (default M)")
-    ap.add_argument("--json", metavar="FILE", help="also write all results as JSON")
-    ap.add_argument("--worker", choices=["tinylm", "torch"], help=argparse.SUPPRESS)
-    ap.add_argument("--mode", choices=["train", "gen"], default="train", help=argparse.SUPPRESS)
-    ap.add_argument("--init-dir", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:  # one config, named as config_of knows it ("M", "llama-M")
-        name = args.configs
-        args.steps = args.steps if args.steps is not None else DEFAULT_STEPS[base_name(name)]
-        args.warmup = args.warmup if args.warmup is not None else (1 if base_name(name) == "L" else 2)
-        fn = worker_tinylm if args.worker == "tinylm" else worker_torch
-        print("RESULT " + json.dumps(fn(config_of(name), args)), flush=True)
-        return 0
-    names = [s.strip().upper() for s in args.configs.split(",") if s.strip()]
-    llamas = [s.strip().upper() for s in args.llama_configs.split(",") if s.strip()]
-    bad = [n for n in names + llamas if n not in CONFIGS]
-    if bad or not (names or llamas):
-        ap.error(f"unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
-    names += [f"llama-{n}" for n in llamas]
-    args.steps_for = lambda n: args.steps if args.steps is not None else DEFAULT_STEPS[base_name(n)]
-    args.warmup_for = lambda n: args.warmup if args.warmup is not None else (1 if base_name(n) == "L" else 2)
-
-    have_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
-    print(f"threads {args.threads}; PyTorch {'found' if have_torch else 'not used'}; "
-          f"configs {','.join(names)}; {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
-    if have_torch:
-        import torch  # noqa: PLC0415  (only for its version string)
-
-        print(f"torch {torch.__version__}", flush=True)
+def measure(args, names, llamas, have_torch, mode) -> dict:
+    """Every measurement, in one BLAS environment mode; prints its tables; returns the results."""
+    print(f"\n# BLAS environment: {mode}", flush=True)
+    ceiling = run_worker("ceiling", "M", "train", args, "")
+    print(f"OpenBLAS {ceiling['corename']}: float32 GEMM ceiling {ceiling['gflops']:,.0f} GFLOP/s", flush=True)
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="tinylm-bench-") as tmp:
         for name in names:
@@ -690,7 +694,7 @@ def main(argv=None) -> int:
             print("done", flush=True)
             results[f"generation_{gname}"] = {"tinylm": g_ours, "torch": g_theirs}
 
-    print_train_table(rows)
+    print_train_table(rows, mode, ceiling)
     for name, ours, theirs in rows:
         if name in ("M", "llama-M", args.profile_config.upper()) or len(rows) == 1:
             print_parts(name, ours, theirs)
@@ -709,6 +713,66 @@ def main(argv=None) -> int:
             same = next((i for i, (a, b) in enumerate(zip(g_ours["tokens"], g_theirs["tokens"])) if a != b), len(g_ours["tokens"]))
             print(f"\nratio tinylm/PyTorch: {g_ours['gen_tokens_per_s'] / g_theirs['gen_tokens_per_s']:.2f}; "
                   f"greedy tokens identical for the first {same} of {len(g_ours['tokens'])}")
+    results["ceiling"] = ceiling
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="tinylm vs PyTorch: training step and KV-cache generation")
+    ap.add_argument("--configs", default="S,M,L", help="GPT configs, comma-separated from S,M,L (default: all)")
+    ap.add_argument("--llama-configs", default="M", help="Llama configs from S,M,L (default M; '' for none)")
+    ap.add_argument("--steps", type=int, default=None, help=f"measured steps (default per config: {DEFAULT_STEPS})")
+    ap.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 2; 1 for L)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each config's pair of workers this many times, alternating; report each "
+                         "framework's fastest round (for a machine whose load varies)")
+    ap.add_argument("--gen-tokens", type=int, default=200)
+    ap.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
+    ap.add_argument("--no-torch", action="store_true", help="tinylm only")
+    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)  # worker flag
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-op profile")
+    ap.add_argument("--profile-config", default="M", help="config to profile per op (default M)")
+    ap.add_argument("--json", metavar="FILE", help="also write all results as JSON")
+    ap.add_argument("--blas-env", choices=["as-is", "unset", "both"], default="both",
+                    help="run the workers with the environment as it is, with OPENBLAS_CORETYPE and "
+                         "OPENBLAS_L2_SIZE removed, or both (default)")
+    ap.add_argument("--worker", choices=["tinylm", "torch", "ceiling"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=["train", "gen"], default="train", help=argparse.SUPPRESS)
+    ap.add_argument("--init-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker == "ceiling":
+        print("RESULT " + json.dumps(worker_ceiling(args)), flush=True)
+        return 0
+    if args.worker:  # one config, named as config_of knows it ("M", "llama-M")
+        name = args.configs
+        args.steps = args.steps if args.steps is not None else DEFAULT_STEPS[base_name(name)]
+        args.warmup = args.warmup if args.warmup is not None else (1 if base_name(name) == "L" else 2)
+        fn = worker_tinylm if args.worker == "tinylm" else worker_torch
+        print("RESULT " + json.dumps(fn(config_of(name), args)), flush=True)
+        return 0
+    names = [s.strip().upper() for s in args.configs.split(",") if s.strip()]
+    llamas = [s.strip().upper() for s in args.llama_configs.split(",") if s.strip()]
+    bad = [n for n in names + llamas if n not in CONFIGS]
+    if bad or not (names or llamas):
+        ap.error(f"unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
+    names += [f"llama-{n}" for n in llamas]
+    args.steps_for = lambda n: args.steps if args.steps is not None else DEFAULT_STEPS[base_name(n)]
+    args.warmup_for = lambda n: args.warmup if args.warmup is not None else (1 if base_name(n) == "L" else 2)
+
+    have_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    print(f"threads {args.threads}; PyTorch {'found' if have_torch else 'not used'}; "
+          f"configs {','.join(names)}; {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    if have_torch:
+        import torch  # noqa: PLC0415  (only for its version string)
+
+        print(f"torch {torch.__version__}", flush=True)
+    modes = ["as-is", "unset"] if args.blas_env == "both" else [args.blas_env]
+    all_results = {}
+    for mode in modes:
+        args.blas_mode = mode
+        all_results[mode] = measure(args, names, llamas, have_torch, mode)
+    results = all_results if len(modes) > 1 else all_results[modes[0]]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

@@ -180,3 +180,25 @@ def blas_single_threaded():
         yield
     finally:
         set_(n)
+
+
+_CORENAME = ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+             "openblas_get_corename")
+_CONFIG = ("scipy_openblas_get_config64_", "scipy_openblas_get_config", "openblas_get_config64_",
+           "openblas_get_config")
+
+
+def blas_info() -> dict:
+    """Which kernels OpenBLAS chose on this CPU (its ``get_corename``, what threadpoolctl reports as
+    ``architecture``) and its build config; empty strings where no OpenBLAS is loaded. The machines
+    this project runs on set OPENBLAS_CORETYPE=Haswell, which makes it run its AVX2 kernels on an
+    AVX-512 CPU (docs/performance.md, "The OpenBLAS override")."""
+    out = {}
+    for key, names in (("corename", _CORENAME), ("config", _CONFIG)):
+        fn = _find(names)
+        if fn is None:
+            out[key] = ""
+            continue
+        fn.restype = ctypes.c_char_p
+        out[key] = (fn() or b"").decode("ascii", "replace")
+    return out
