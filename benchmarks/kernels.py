@@ -1,6 +1,7 @@
 """Benchmark: every kernel op x backend at GPT shapes, forward + backward, in one process.
 
     python benchmarks/kernels.py [--threads 2] [--repeats 15] [--skip-memory] [--skip-jit]
+                                 [--skip-user-loop] [--only speed|memory|jit|user_loop]
 
 Shapes: B=8, T=256, C=384, NH=6 (hs=64), V=8192; AdamW and the gradient norm over 13.9M
 parameters (the M-sized GPT). Backends: the NumPy reference ("ref"), every Numba CPU variant,
@@ -9,7 +10,8 @@ measured in this run, with this many threads for Numba, BLAS and PyTorch alike; 
 warm-up calls each (JIT compile excluded), --repeats rounds call every backend of an op once in
 turn. The ratios use the minimum (the least-disturbed call: on the shared 2-core machines
 other jobs moved medians by 2-10x during development); the median is printed beside it. Values are
-realistic (unit-scale activations, 0.02-scale weights, no zeros or subnormals: PERF-NOTES).
+realistic (unit-scale activations, 0.02-scale weights, no zeros or subnormals: docs/performance.md,
+"Pitfalls: denormals").
 
 Columns: ms; GB/s (napkin bytes: each array read or written once, fwd + bwd) or GFLOP/s
 (attention: 6 causal matmuls of 2*hs*T(T+1)/2 per head, i.e. fwd 2 + bwd 4; matmul: 2MKN);
@@ -22,6 +24,19 @@ through /proc/self/clear_refs and inputs and JIT already loaded: Numba allocates
 tracemalloc's view, RSS sees everything); the cold JIT
 compile time of all CPU kernels (a subprocess with an empty NUMBA_CACHE_DIR); and the warm start
 (a second subprocess on that cache: import tinylm + one training-shaped forward/backward).
+
+Then the user loop: an op timed through ``tinylm.functional`` the way a new user writes it, each
+iteration building a fresh leaf input with requires_grad=True (``tinylm.tensor``, which wraps
+the array without a copy), running the op and ``.sum().backward()``: F.gelu at (8, 256, 1536),
+F.cross_entropy at N=2048, V=8192 with integer targets, F.layer_norm at (8, 256, 384) (w and b
+built once, as parameters). PyTorch runs the same loop (a fresh ``torch.tensor(...,
+requires_grad=True)``, which copies, each iteration) in a process of its own, and tinylm in
+another without torch; the two alternate for --user-rounds rounds. Beside it: tinylm's
+kernel-only time (the op's fwd + bwd kernels on arrays). The ratio tinylm/PyTorch uses the
+minimum per iteration, as the table above does (target <= 1.0); the ratio of the medians is
+printed beside it (a pause of the cyclic GC would show there). Then the memory
+each side holds after --user-mem-iters more iterations with gc disabled (RSS growth: it should
+not grow), and whether tinylm's input leaf was freed by reference counting alone.
 
 Note (measured here): PyTorch must be imported before Numba starts its OpenMP thread pool.
 Numba's "omp" layer loads the system libgomp.so.1; a torch imported afterwards binds to that
@@ -246,8 +261,9 @@ def speed_table(args):
     except Exception:
         pass
 
-    from kernels import adamw, attention, cross_entropy, embedding, gelu, gradnorm, layernorm, matmul
+    from kernels import adamw, cross_entropy, embedding, gelu, gradnorm, layernorm
     from kernels._common import gpu_unavailable_reason
+    from kernels.lab import attention, matmul  # the whole tables: the lab's variants included
     from kernels import _threads
 
     n = _threads.set_num_threads(args.threads)
@@ -313,7 +329,7 @@ def speed_table(args):
 MEM_CHILD = r"""
 import sys, numpy as np
 sys.path.insert(0, {root!r})
-from kernels import attention as A
+from kernels.lab import attention as A  # every variant, the lab's included
 from kernels import _threads
 _threads.set_num_threads({threads})
 name = {name!r}
@@ -362,8 +378,9 @@ sys.path.insert(0, {root!r})
 import numpy as np
 rng = np.random.default_rng(0)
 f = lambda *s: rng.standard_normal(s).astype(np.float32)
-from kernels import layernorm as L, gelu as G, cross_entropy as X, attention as A, embedding as E
-from kernels import adamw as AD, gradnorm as GN, matmul as M
+from kernels import layernorm as L, gelu as G, cross_entropy as X, embedding as E
+from kernels import adamw as AD, gradnorm as GN
+from kernels.lab import attention as A, matmul as M
 x = f(4, 8); o = L.layernorm_fwd_cpu(x, f(8), f(8), 1e-5); L.layernorm_bwd_cpu(x, x, f(8), o[1], o[2])
 G.gelu_bwd_cpu(x, G.gelu_fwd_cpu(x))
 t = np.array([1, 2, -100, 0]); o = X.cross_entropy_fwd_cpu(x, t, -100); X.cross_entropy_bwd_cpu(x, t, o[1], f(4), -100)
@@ -427,6 +444,212 @@ def jit_table(args):
     return res
 
 
+# ---- the user loop: fresh leaves through tinylm.functional vs PyTorch, each in its own process
+
+USER_LOOP_COMMON = r"""
+import gc, json, sys, time, weakref
+import numpy as np
+threads, iters, mem_iters = {threads}, {iters}, {mem_iters}
+rng = np.random.default_rng(0)
+H = rng.standard_normal((8, 256, 1536)).astype(np.float32)        # gelu input
+Z = (2 * rng.standard_normal((2048, 8192))).astype(np.float32)    # logits, N=2048, V=8192
+TG = rng.integers(0, 8192, 2048)                                  # int64 targets
+XL = rng.standard_normal((8, 256, 384)).astype(np.float32)       # layer_norm input
+WL = (1 + 0.02 * rng.standard_normal(384)).astype(np.float32)
+BL = (0.02 * rng.standard_normal(384)).astype(np.float32)
+
+def rss_mib():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+
+def timed(fn, n):
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+def held_after(fn):
+    # RSS growth over mem_iters iterations with the cyclic GC off (after warm-up iterations)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            fn()
+        r0 = rss_mib()
+        for _ in range(mem_iters):
+            fn()
+        r1 = rss_mib()
+        leaf = weakref.ref(fn())  # the returned leaf's last strong reference dies here
+        freed = leaf() is None
+    finally:
+        gc.enable()
+        gc.collect()
+    return (None if r0 is None or r1 is None else r1 - r0), freed
+"""
+
+USER_LOOP_TINYLM = USER_LOOP_COMMON + r"""
+sys.path.insert(0, {root!r})
+import tinylm
+from tinylm import functional as F
+import kernels
+from kernels import _threads
+_threads.set_num_threads(threads)
+w, b = tinylm.tensor(WL, requires_grad=True), tinylm.tensor(BL, requires_grad=True)
+
+def gelu_loop():
+    x = tinylm.tensor(H, requires_grad=True)
+    F.gelu(x).sum().backward()
+    return x
+
+def ce_loop():
+    z = tinylm.tensor(Z, requires_grad=True)
+    F.cross_entropy(z, TG).sum().backward()
+    return z
+
+def ln_loop():
+    x = tinylm.tensor(XL, requires_grad=True)
+    F.layer_norm(x, w, b).sum().backward()
+    return x
+
+ones_h = np.ones_like(H)
+gf, gb = kernels.get("gelu_fwd", H), kernels.get("gelu_bwd", H)
+cf, cb = kernels.get("cross_entropy_fwd", Z), kernels.get("cross_entropy_bwd", Z)
+dl = np.full(2048, 1 / 2048, dtype=np.float32)  # the mean's gradient per row
+X2 = XL.reshape(-1, 384)
+ones_x = np.ones_like(X2)
+lf, lb = kernels.get("layernorm_fwd", X2), kernels.get("layernorm_bwd", X2)
+
+def gelu_kernels():
+    gf(H); gb(ones_h, H)
+
+def ce_kernels():
+    loss, lse = cf(Z, TG, -100); cb(Z, TG, lse, dl, -100)
+
+def ln_kernels():
+    out, mean, rstd = lf(X2, WL, BL, 1e-5); lb(ones_x, X2, WL, mean, rstd)
+
+res = {{}}
+for name, loop, kern in (("gelu", gelu_loop, gelu_kernels), ("cross_entropy", ce_loop, ce_kernels),
+                         ("layer_norm", ln_loop, ln_kernels)):
+    for _ in range(3):  # warm-up: JIT cache, allocator
+        loop(); kern()
+    ms = timed(loop, iters)
+    km = timed(kern, iters)
+    grow, freed = held_after(loop)
+    res[name] = {{"loop_ms": ms, "kernel_ms": km, "rss_growth_mib": grow, "leaf_freed": freed}}
+print(json.dumps(res))
+"""
+
+USER_LOOP_TORCH = USER_LOOP_COMMON + r"""
+import torch
+torch.set_num_threads(threads)
+F = torch.nn.functional
+tg = torch.from_numpy(TG)
+w, b = torch.tensor(WL, requires_grad=True), torch.tensor(BL, requires_grad=True)
+
+def gelu_loop():
+    x = torch.tensor(H, requires_grad=True)
+    F.gelu(x, approximate="tanh").sum().backward()
+    return x
+
+def ce_loop():
+    z = torch.tensor(Z, requires_grad=True)
+    F.cross_entropy(z, tg).sum().backward()
+    return z
+
+def ln_loop():
+    x = torch.tensor(XL, requires_grad=True)
+    F.layer_norm(x, (384,), w, b, 1e-5).sum().backward()
+    return x
+
+res = {{"version": torch.__version__}}
+for name, loop in (("gelu", gelu_loop), ("cross_entropy", ce_loop), ("layer_norm", ln_loop)):
+    for _ in range(3):
+        loop()
+    ms = timed(loop, iters)
+    grow, freed = held_after(loop)
+    res[name] = {{"loop_ms": ms, "rss_growth_mib": grow, "leaf_freed": freed}}
+print(json.dumps(res))
+"""
+
+USER_LOOP_SHAPES = {"gelu": "(8,256,1536)", "cross_entropy": "N=2048 V=8192", "layer_norm": "(8,256,384)"}
+
+
+def _json_child(code, env):
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=900)
+    if r.returncode != 0:
+        return None, r.stderr.strip()[-600:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), None
+
+
+def user_loop_table(args):
+    rounds, iters, mem_iters = args.user_rounds, args.user_iters, args.user_mem_iters
+    fmt = dict(root=str(ROOT), threads=args.threads, iters=iters, mem_iters=mem_iters)
+    env = dict(os.environ, TINYLM_NUM_THREADS=str(args.threads))
+    ours, theirs, tver, err_t = [], [], None, None
+    for _ in range(rounds):  # alternate the two processes: a burst of load hits both alike
+        r, err = _json_child(USER_LOOP_TINYLM.format(**fmt), env)
+        if err:
+            print(f"\nuser loop: the tinylm process failed: {err}")
+            return {}
+        ours.append(r)
+        r, err_t = _json_child(USER_LOOP_TORCH.format(**fmt), env)
+        if r is not None:
+            tver = r.pop("version")
+            theirs.append(r)
+    print(f"\nuser loop: per iteration a fresh leaf (requires_grad=True) -> op -> .sum().backward(), "
+          f"gc on; tinylm and {'torch ' + tver if tver else 'PyTorch (not importable)'} each in "
+          f"its own process, {rounds} alternating rounds of {iters} iterations; ms per iteration, "
+          f"median (min) over all rounds; ratio = tinylm loop / torch loop, of the mins (of the "
+          f"medians), target <= 1.0 on the mins")
+    if err_t and not theirs:
+        print(f"  (the PyTorch process failed: {err_t.splitlines()[-1] if err_t else ''})")
+    hdr = (f"{'case':28s} {'tinylm loop':>16s} {'kernels only':>16s} {'torch loop':>16s} "
+           f"{'tinylm/torch':>14s}  target")
+    print(hdr)
+    print("-" * len(hdr))
+
+    def med_min(v):
+        v = sorted(v)
+        return v[len(v) // 2], v[0]
+
+    out = {}
+    for case, shape in USER_LOOP_SHAPES.items():
+        lm = med_min([t for r in ours for t in r[case]["loop_ms"]])
+        km = med_min([t for r in ours for t in r[case]["kernel_ms"]])
+        tm = med_min([t for r in theirs for t in r[case]["loop_ms"]]) if theirs else None
+        ratio = lm[1] / tm[1] if tm else float("nan")
+        ratio_med = lm[0] / tm[0] if tm else float("nan")
+        verdict = ("met" if ratio <= 1.0 else "MISSED") if tm else "-"
+        tcol = f"{tm[0]:7.2f} ({tm[1]:6.2f})" if tm else f"{'-':>16s}"
+        print(f"{case + ' ' + shape:28s} {lm[0]:7.2f} ({lm[1]:6.2f}) {km[0]:7.2f} ({km[1]:6.2f}) "
+              f"{tcol} {ratio:6.2f} ({ratio_med:5.2f})  {verdict}")
+        out[case] = {"tinylm_loop_ms": lm, "kernel_ms": km, "torch_loop_ms": tm, "ratio_min": ratio,
+                     "ratio_median": ratio_med}
+    print(f"memory held after {mem_iters} more iterations with gc disabled (RSS growth, last round; "
+          f"should not grow):")
+    for case in USER_LOOP_SHAPES:
+        o = ours[-1][case]
+        line = (f"  {case:14s} tinylm {o['rss_growth_mib']:+8.1f} MiB (input leaf freed by "
+                f"reference counting: {'yes' if o['leaf_freed'] else 'NO'})")
+        if theirs:
+            line += f"; torch {theirs[-1][case]['rss_growth_mib']:+8.1f} MiB"
+        print(line)
+        out[case]["tinylm_rss_growth_mib"] = o["rss_growth_mib"]
+        out[case]["tinylm_leaf_freed"] = o["leaf_freed"]
+        if theirs:
+            out[case]["torch_rss_growth_mib"] = theirs[-1][case]["rss_growth_mib"]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -434,13 +657,28 @@ def main():
     ap.add_argument("--ops", help="comma-separated subset, e.g. attention,grad_norm")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-jit", action="store_true")
+    ap.add_argument("--skip-user-loop", action="store_true")
+    ap.add_argument("--only", choices=("speed", "memory", "jit", "user_loop"),
+                    help="run this section alone")
+    ap.add_argument("--user-rounds", type=int, default=2, help="user loop: alternating rounds")
+    ap.add_argument("--user-iters", type=int, default=15, help="user loop: timed iterations a round")
+    ap.add_argument("--user-mem-iters", type=int, default=30,
+                    help="user loop: iterations with gc disabled for the memory column")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     args = ap.parse_args()
-    out = {"speed": speed_table(args)}
-    if not args.skip_memory:
+
+    def want(section, skipped=False):
+        return args.only == section if args.only else not skipped
+
+    out = {}
+    if want("speed"):
+        out["speed"] = speed_table(args)
+    if want("memory", args.skip_memory):
         out["memory_bytes"] = memory_table(args)
-    if not args.skip_jit:
+    if want("jit", args.skip_jit):
         out["jit"] = jit_table(args)
+    if want("user_loop", args.skip_user_loop):
+        out["user_loop"] = user_loop_table(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
 

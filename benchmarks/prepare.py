@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/prepare.py [--data PATH ...] [--workers 1 2] [--dedup exact near]
 
-Corpus: ``--data``, else ``/work/shared/data`` (tinyshakespeare + KJV, 5.3 MB) when present
-and ``--synthetic-mb`` is not given, else a generated corpus of unique random-word documents
-(tests/test_data_support.write_corpus; 32 MiB by default). Each configuration runs
+Corpus: ``--data``, else the ``.txt`` files in the directory ``$TINYLM_BENCH_DATA`` names (the
+team's is tinyshakespeare + the KJV Bible, 5.3 MB: docs/performance.md, "Benchmark corpora")
+when it is set and ``--synthetic-mb`` is not given, else a generated stand-in: unique
+random-word documents (tests/test_data_support.write_corpus; 32 MiB by default). Each configuration runs
 in a fresh subprocess (so Numba caches and peak RSS do not leak between runs) and reports
 the wall time of ``prepare`` split by pass, MB/s of input bytes, and the peak RSS of the main
 process (``ru_maxrss``); a worker's peak is read from one extra run with spawn-started workers
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
+BENCH_DATA = os.environ.get("TINYLM_BENCH_DATA", "")  # a directory holding the benchmark corpus
 
 CHILD = r'''
 import json, resource, sys, time
@@ -62,8 +63,9 @@ def main() -> None:
         tmp = Path(tmp)
         if a.data:
             data = a.data
-        elif SHARED.is_dir() and not a.synthetic_mb:
-            data = [str(p) for p in sorted(SHARED.glob("*.txt"))]
+        elif (BENCH_DATA and not a.synthetic_mb
+              and (found := [str(p) for p in sorted(Path(BENCH_DATA).glob("*.txt"))])):
+            data = found
         else:
             sys.path.insert(0, str(ROOT / "tests"))
             from test_data_support import write_corpus

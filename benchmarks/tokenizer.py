@@ -14,9 +14,12 @@ numbers). Rows:
 - peak RSS of ``tinylm tokenizer train`` streaming a file from disk, for a file of 1x and 4x the
   stdlib corpus: bounded memory means the second is not ~4x the first.
 
-Usage: ``.venv/bin/python benchmarks/tokenizer.py [--quick]`` (quick: smaller corpora).
-HF tokenizers and tiktoken are optional; their rows are skipped when they are missing.
-Data: /work/shared/data/tinyshakespeare.txt if present, else a generated stand-in.
+Usage: ``.venv/bin/python benchmarks/tokenizer.py [--quick] [--data tinyshakespeare.txt]``
+(quick: smaller corpora). HF tokenizers and tiktoken are optional; their rows are skipped when
+they are missing.
+Data: ``--data``, else ``$TINYLM_BENCH_DATA/tinyshakespeare.txt`` when that variable names a
+directory holding it, else a generated stand-in of the same size (the corpus:
+docs/performance.md, "Benchmark corpora").
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+BENCH_DATA = os.environ.get("TINYLM_BENCH_DATA", "")  # a directory holding the benchmark corpus
+SHAKESPEARE = os.path.join(BENCH_DATA, "tinyshakespeare.txt") if BENCH_DATA else ""
 TABLE: list[str] = []  # markdown rows for the README, printed at the end
 
 HF_SCRIPT = r"""
@@ -87,9 +91,10 @@ def stdlib_docs(max_bytes: int) -> list[str]:
     return out
 
 
-def shakespeare(quick: bool) -> list[str]:
-    if os.path.exists(SHAKESPEARE):
-        text = open(SHAKESPEARE, encoding="utf-8").read()
+def shakespeare(quick: bool, path: str = "") -> list[str]:
+    path = path or SHAKESPEARE
+    if path and os.path.exists(path):
+        text = open(path, encoding="utf-8").read()
     else:  # stand-in: stdlib docstrings-ish prose of the same size
         text = "".join(stdlib_docs(1_100_000))
     return [text[:300_000] if quick else text]
@@ -204,10 +209,14 @@ def bench_rss(docs, tmp, vocab):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller corpora (for a smoke run)")
+    ap.add_argument("--data", default="", help="the tinyshakespeare text file (default: "
+                    "$TINYLM_BENCH_DATA/tinyshakespeare.txt, else a generated stand-in)")
     args = ap.parse_args()
+    if args.data and not os.path.isfile(args.data):
+        ap.error(f"--data {args.data}: no such file")
     stdlib_mb = 2_000_000 if args.quick else 12_000_000
     with tempfile.TemporaryDirectory() as tmp:
-        shak = shakespeare(args.quick)
+        shak = shakespeare(args.quick, args.data)
         tok = bench_train("tinyshakespeare", shak, 4096, tmp)
         bench_encode("tinyshakespeare", shak, tok)
         lib = stdlib_docs(stdlib_mb)

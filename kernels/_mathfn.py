@@ -9,7 +9,7 @@ the float32 ``fexp`` below 2.0 ms (AVX-512, no calls).
 Taylor polynomial for exp(r), and 2^k built from its IEEE bits (scalar ``.view`` vectorises).
 The argument is clamped to [-87, 88] so the result is always a normal float: exp(-87) =
 1.6e-38 > FLT_MIN, which also keeps softmax outputs away from the subnormals that cost 100x
-(PERF-NOTES). Measured relative error against float64 exp on [-80, 0]: 2.8e-7 (~2.3 ulp);
+(docs/performance.md, "Pitfalls: denormals"). Measured relative error against float64 exp on [-80, 0]: 2.8e-7 (~2.3 ulp);
 tests/test_kernels_mathfn.py checks a bound of 5e-7 on a dense grid. For float64 arguments
 ``fexp`` is ``math.exp`` (exact; float64 is for gradient checks, where accuracy beats speed).
 

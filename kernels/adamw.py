@@ -15,7 +15,7 @@ References: Loshchilov & Hutter 2019 "Decoupled Weight Decay Regularization"; to
 
 Version log (python -m kernels.adamw: 13.9M float32 parameters, 2 threads, medians):
   v1 cpu: one prange pass. 7.7 ms vs ref 103 ms (13x); PyTorch fused AdamW 10.5 ms, for-loop
-     38 ms (PERF-NOTES). 7.7 ms for 389 MB moved is ~50 GB/s: memory-bound.
+     38 ms (docs/performance.md, "PyTorch reference points"). 7.7 ms for 389 MB moved is ~50 GB/s: memory-bound.
 """
 from __future__ import annotations
 

@@ -6,31 +6,32 @@ Math (per batch b, head h; scale = 1/sqrt(hs)):
 Backward (recomputes P from lse, never stores it):
     dV = P^T dout,  dP = dout V^T,  D[t] = sum_d dout[t, d] * out[t, d]
     dS = P * (dP - D),  dQ = scale * dS K,  dK = scale * dS^T Q
-Shapes: B batch, NH heads, T time, hs head size. q, k, v, out, dout, dq, dk, dv (B, NH, T, hs);
-lse (B, NH, T).
+Grouped-query attention (GQA; NKV = NH is multi-head attention, NKV = 1 multi-query): keys and
+values have NKV heads, NKV dividing NH, and query head h reads kv head h // G, G = NH / NKV.
+Then dK, dV of a kv head are the sums of the above over its G query heads.
+Shapes: B batch, NH query heads, NKV kv heads, T time, hs head size. q, out, dout, dq
+(B, NH, T, hs); k, v, dk, dv (B, NKV, T, hs); lse (B, NH, T).
 
-Variants:
-- "cpu_plain": the textbook algorithm per head: S (T, T) scores, row softmax, P V. Backward
-  materialises P and dS (T, T). Extra memory per running head: 2 T^2 floats.
-- "cpu_flash": online softmax over key tiles of BC keys (Milakov & Gimelshein; FlashAttention).
-  Forward: parallel over (head, query tile of BR rows); per row a running max m, sum l and
-  accumulator acc are rescaled by exp(m_old - m_new) when a tile raises the max; key/value tiles
-  stay in L1 while the tile's rows pass over them. Backward: parallel over heads; for each key
-  tile, every later query row recomputes its scores, P = exp(S - lse), dP = dout V^T and
-  dS = P (dP - D), and adds into dq (its own row) and the tile's dk, dv. Extra memory: O(T hs)
-  (the K^T and V^T copies) plus O(BR hs) per thread: it grows with T, not T^2.
-- "cpu_blas": query tiles of BLAS_BR rows for all heads at once; the products go to BLAS
-  (np.matmul), the causal mask, softmax and dS are fused Numba loops. Extra memory: two
-  (B*NH, BR, T) tiles, so it grows with T (not T^2), but it is not online-softmax tiling.
+Variants (here: the reference, the one that runs, the GPU kernels):
 - "cpu_gemm" (the default "cpu"): one head per Numba thread, query tiles of GEMM_BR rows over
   keys 0..i1; each tile's products are single-threaded BLAS GEMM calls made from inside the
   kernel (kernels/_blas.py), the softmax and dS loops run on the tile while it is in L2. The
   backward walks the tiles last to first, so the first GEMM into dk, dv (beta = 0) covers
   every key and no zeroing pass is needed. Extra memory: two (GEMM_BR, T) tiles per thread.
-  Where NumPy's BLAS is not an OpenBLAS it can call, it runs cpu_blas instead.
+  GQA: the forward stays parallel over (batch, query head) (it only reads k, v); the backward
+  is parallel over (batch, kv head) and walks the group's G query heads inside, so each dk, dv
+  has one writer (race-free; B * NKV work units, fewer than B * NH).
+  Where NumPy's BLAS is not an OpenBLAS it can call, it runs cpu_blas (from the lab) instead.
 - "gpu": one CUDA thread per query row with the same online softmax (forward), and two
-  backward kernels: one thread per query row (dq) and one per key row (dk, dv), so every output
-  has one writer (no atomics). Supports hs <= 128 (a per-thread local accumulator).
+  backward kernels: one thread per query row (dq) and one per key row (dk, dv; it walks the
+  group's G query heads), so every output has one writer (no atomics). Supports hs <= 128 (a
+  per-thread local accumulator).
+- In the lab (kernels/lab/attention.py, study variants and the fallback, each still checked
+  against the reference and benchmarked): "cpu_plain" (the textbook S (T, T) per head),
+  "cpu_flash" (online softmax over key tiles, O(T) memory without BLAS) and "cpu_blas" (query
+  tiles of all heads at once, products in batched np.matmul). They take GQA shapes by repeating
+  k, v per group (``repeat_kv``) and summing the group's dk, dv (``sum_groups``): extra memory
+  and time, which is fine for study and for the fallback. The log below is of all of them.
 All inner loops run over 1-D slices from 0 (see kernels/matmul.py: that is what vectorises).
 
 Leaves out: dropout, padding masks, non-causal attention, KV-cache decoding (the generator
@@ -99,6 +100,14 @@ jobs during these runs, so only same-run comparisons mean anything):
      the ref. Peak extra memory at T=2048 (below): 10.3 MiB, two (64, T) tiles per thread.
   Peak extra memory fwd+bwd at B=1, NH=6, T=2048 (benchmarks/kernels.py): ref 304 MiB,
      cpu_plain 73 MiB, cpu_flash 15.5 MiB (of which 15 MiB are outputs, gradients and K^T/V^T).
+  v6 GQA (k, v with NKV heads) in ref, cpu_gemm and gpu. cpu_gemm's GEMMs read the shared kv
+     head in place (no repeat); with NKV = NH the kernels do exactly the work of v5. python -m
+     kernels.attention --nkv N (B=8, NH=6, T=256, hs=64, medians of 3; the cores were shared,
+     load average 3-4, and the ref's np.matmul swung from 48 to 1700 ms between runs): cpu_gemm
+     fwd/bwd NKV=6 15.9/28.3 ms, NKV=2 20.5/41.2, NKV=1 16.0/29.4 in one run, and NKV=6
+     23.5/43.0, NKV=2 23.8/44.0 in the next: the same work whatever NKV, as expected (the
+     products do not shrink; only k, v's memory does), and the backward's B*NKV work units
+     still balance 2 threads. The lab variants repeat k, v (see above).
 """
 from __future__ import annotations
 
@@ -122,52 +131,63 @@ def _causal_scores(q, k):
     return xp.where(mask, -xp.inf, s).astype(q.dtype)
 
 
+def group_size(q, k, v) -> int:
+    """G = NH / NKV, the query heads that share one kv head; checks that the shapes fit."""
+    B, NH, T, hs = q.shape
+    if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, T, hs) \
+            or k.shape[1] < 1 or NH % k.shape[1]:
+        raise ValueError(f"attention: q {q.shape} needs k, v of one shape (B, NKV, T, hs) with NKV "
+                         f"dividing NH={NH}, got k {k.shape}, v {v.shape}")
+    return NH // k.shape[1]
+
+
+def repeat_kv(x, G):  # (B, NKV, T, hs) -> (B, NKV*G, T, hs): head h is kv head h // G
+    return x if G == 1 else array_module(x).repeat(x, G, axis=1)
+
+
+def sum_groups(d, G):  # (B, NKV*G, T, hs) -> (B, NKV, T, hs): each group's gradients summed
+    if G == 1:
+        return d
+    B, NH, T, hs = d.shape
+    return d.reshape(B, NH // G, G, T, hs).sum(axis=2)
+
+
 @register("attention_fwd", "ref")
-def attention_fwd_ref(q, k, v):  # (B,NH,T,hs) x3 -> (B,NH,T,hs), (B,NH,T)
+def attention_fwd_ref(q, k, v):  # (B,NH,T,hs), (B,NKV,T,hs) x2 -> (B,NH,T,hs), (B,NH,T)
     xp = array_module(q)
-    s = _causal_scores(q, k)
+    G = group_size(q, k, v)
+    B, NH, T, hs = q.shape
+    qg = q.reshape(B, NH // G, G, T, hs)  # query head h = kv head * G + g
+    s = _causal_scores(qg, k[:, :, None])  # (B, NKV, G, T, T): k broadcast over the group
     m = s.max(axis=-1, keepdims=True)
     p = xp.exp(s - m)
     l = p.sum(axis=-1, keepdims=True)
-    out = (p / l) @ v
-    lse = (m + xp.log(l))[..., 0]
+    out = ((p / l) @ v[:, :, None]).reshape(q.shape)
+    lse = (m + xp.log(l))[..., 0].reshape(B, NH, T)
     return out, lse
 
 
 @register("attention_bwd", "ref")
-def attention_bwd_ref(dout, q, k, v, out, lse):  # -> dq, dk, dv (B,NH,T,hs)
+def attention_bwd_ref(dout, q, k, v, out, lse):  # -> dq (B,NH,T,hs), dk, dv (B,NKV,T,hs)
     xp = array_module(q)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    p = xp.exp(_causal_scores(q, k) - lse[..., None])  # masked entries: exp(-inf) = 0
-    dv = p.swapaxes(-1, -2) @ dout
-    dp = dout @ v.swapaxes(-1, -2)
-    D = (dout * out).sum(axis=-1, keepdims=True)
+    G = group_size(q, k, v)
+    B, NH, T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
+    qg, dg, og = (x.reshape(B, NH // G, G, T, hs) for x in (q, dout, out))
+    kg, vg = k[:, :, None], v[:, :, None]  # (B, NKV, 1, T, hs): shared by the group
+    p = xp.exp(_causal_scores(qg, kg) - lse.reshape(B, NH // G, G, T)[..., None])  # masked: 0
+    dv = (p.swapaxes(-1, -2) @ dg).sum(axis=2)  # the group's query heads all read this v
+    dp = dg @ vg.swapaxes(-1, -2)
+    D = (dg * og).sum(axis=-1, keepdims=True)
     ds = p * (dp - D)
-    dq = (ds @ k) * scale
-    dk = (ds.swapaxes(-1, -2) @ q) * scale
+    dq = ((ds @ kg) * scale).reshape(q.shape)
+    dk = ((ds.swapaxes(-1, -2) @ qg) * scale).sum(axis=2)
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
-# Numba CPU: shared helpers (serial; each loops over 1-D slices from 0 so it vectorises)
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _scores(a, bT, j0, out):  # (hs,), (hs,T), int, (n,): out[j] = sum_d a[d] * bT[d, j0 + j]
-    n = out.size
-    for j in range(n):
-        out[j] = 0
-    for d in range(a.size):
-        ad = a[d]
-        brow = bT[d, j0:j0 + n]
-        for j in range(n):  # outer-product form: no horizontal sums, contiguous in bT
-            out[j] += ad * brow[j]
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _axpy(alpha, x, y):  # y += alpha * x, (hs,)
-    for d in range(y.size):
-        y[d] += alpha * x[d]
-
+# Numba CPU: helpers shared with the lab's variants (serial; each loops over 1-D slices from 0
+# so it vectorises)
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _dot(x, y):
@@ -187,304 +207,6 @@ def _exp_shift(s, shift):  # s <- exp(s - shift) in place, returns the sum
     return tot
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _transpose_heads(x, xT):  # (BH,T,hs) -> (BH,hs,T)
-    for h in range(x.shape[0]):
-        xT[h] = x[h].T
-
-
-# ---------------------------------------------------------------------------------------------
-# Numba CPU, plain: materialise S / P / dS (T, T) per head
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _attn_fwd_plain(q, kT, v, scale, out, lse):  # (BH,T,hs), (BH,hs,T), (BH,T,hs) -> out, lse
-    BH, T, hs = q.shape
-    for h in prange(BH):
-        S = np.empty((T, T), dtype=q.dtype)  # the T x T this variant is named for
-        qs = np.empty(hs, dtype=q.dtype)
-        for i in range(T):
-            for d in range(hs):
-                qs[d] = q[h, i, d] * scale
-            _scores(qs, kT[h], 0, S[i, :i + 1])  # causal: only j <= i is computed
-        for i in range(T):
-            srow = S[i, :i + 1]
-            m = srow.max()
-            l = _exp_shift(srow, m)
-            lse[h, i] = m + np.log(l)
-            o = out[h, i]
-            o[:] = 0
-            inv = 1 / l
-            for j in range(i + 1):
-                _axpy(srow[j] * inv, v[h, j], o)
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _attn_bwd_plain(dout, q, k, kT, v, vT, out, lse, scale, dq, dk, dv):
-    BH, T, hs = q.shape
-    for h in prange(BH):
-        P = np.empty((T, T), dtype=q.dtype)
-        dS = np.empty((T, T), dtype=q.dtype)
-        qs = np.empty(hs, dtype=q.dtype)
-        # pass 1: P = exp(S - lse), dP = dout V^T, dS = P * (dP - D), row by row
-        for i in range(T):
-            for d in range(hs):
-                qs[d] = q[h, i, d] * scale
-            prow = P[i, :i + 1]
-            _scores(qs, kT[h], 0, prow)
-            _exp_shift(prow, lse[h, i])
-            dsrow = dS[i, :i + 1]
-            _scores(dout[h, i], vT[h], 0, dsrow)
-            Di = _dot(dout[h, i], out[h, i])
-            for j in range(i + 1):
-                dsrow[j] = prow[j] * (dsrow[j] - Di)
-        # pass 2: dq = scale dS K, dk = scale dS^T Q, dv = P^T dout
-        dq[h] = 0
-        dk[h] = 0
-        dv[h] = 0
-        for i in range(T):
-            for j in range(i + 1):
-                a = dS[i, j] * scale
-                _axpy(a, k[h, j], dq[h, i])
-                _axpy(a, q[h, i], dk[h, j])
-                _axpy(P[i, j], dout[h, i], dv[h, j])
-
-
-# ---------------------------------------------------------------------------------------------
-# Numba CPU, flash: tiled online softmax, O(T) memory
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _attn_fwd_flash(q, kT, v, scale, out, lse, BR, BC):
-    BH, T, hs = q.shape
-    nqt = (T + BR - 1) // BR
-    for u in prange(BH * nqt):  # (head, query tile): causal tiles differ in cost, many units
-        h = u // nqt
-        i0 = (u - h * nqt) * BR
-        i1 = min(T, i0 + BR)
-        nr = i1 - i0
-        m = np.full(nr, -np.inf, dtype=q.dtype)
-        l = np.zeros(nr, dtype=q.dtype)
-        qs = np.empty((nr, hs), dtype=q.dtype)
-        srow = np.empty(BC, dtype=q.dtype)
-        acc = out[h, i0:i1]  # accumulate straight into the output rows
-        acc[:] = 0
-        for r in range(nr):
-            for d in range(hs):
-                qs[r, d] = q[h, i0 + r, d] * scale
-        for j0 in range(0, i1, BC):  # key tiles this query tile can see
-            for r in range(nr):
-                i = i0 + r
-                n = min(j0 + BC, i + 1) - j0
-                if n <= 0:
-                    continue
-                s = srow[:n]
-                _scores(qs[r], kT[h], j0, s)
-                mnew = max(m[r], s.max())
-                corr = fexp(m[r] - mnew)  # 0 (1.6e-38) on the first tile, where acc = l = 0
-                l[r] = l[r] * corr + _exp_shift(s, mnew)
-                m[r] = mnew
-                a = acc[r]
-                for d in range(hs):
-                    a[d] *= corr
-                for j in range(n):
-                    _axpy(s[j], v[h, j0 + j], a)
-        for r in range(nr):
-            inv = 1 / l[r]
-            a = acc[r]
-            for d in range(hs):
-                a[d] *= inv
-            lse[h, i0 + r] = m[r] + np.log(l[r])
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _attn_bwd_flash(dout, q, k, kT, v, vT, out, lse, scale, dq, dk, dv, BC):
-    BH, T, hs = q.shape
-    for h in prange(BH):  # one writer per head for dq, dk, dv: race-free
-        D = np.empty(T, dtype=q.dtype)
-        qs = np.empty((T, hs), dtype=q.dtype)
-        p = np.empty(BC, dtype=q.dtype)
-        ds = np.empty(BC, dtype=q.dtype)
-        for i in range(T):
-            D[i] = _dot(dout[h, i], out[h, i])  # D = rowsum(dout * out) = rowsum(dP * P)
-            for d in range(hs):
-                qs[i, d] = q[h, i, d] * scale
-        dq[h] = 0
-        dk[h] = 0
-        dv[h] = 0
-        for j0 in range(0, T, BC):  # dk, dv rows of this key tile stay in L1 over all i
-            for i in range(j0, T):
-                n = min(j0 + BC, i + 1) - j0
-                pr = p[:n]
-                dr = ds[:n]
-                _scores(qs[i], kT[h], j0, pr)
-                _exp_shift(pr, lse[h, i])        # forward: P = exp(S - lse)
-                _scores(dout[h, i], vT[h], j0, dr)  # forward: out = P V, so dP = dout V^T
-                Di = D[i]
-                for j in range(n):
-                    dr[j] = pr[j] * (dr[j] - Di) * scale  # dS (scaled: S = scale Q K^T)
-                dqi = dq[h, i]
-                for j in range(n):
-                    _axpy(dr[j], k[h, j0 + j], dqi)
-                    _axpy(dr[j], q[h, i], dk[h, j0 + j])
-                    _axpy(pr[j], dout[h, i], dv[h, j0 + j])
-
-
-def _heads(x):
-    B, NH, T, hs = x.shape
-    return np.ascontiguousarray(x).reshape(B * NH, T, hs)
-
-
-def _transposed(x3):
-    xT = np.empty((x3.shape[0], x3.shape[2], x3.shape[1]), dtype=x3.dtype)
-    _transpose_heads(x3, xT)
-    return xT
-
-
-FLASH_BR, FLASH_BC = 64, 64  # tiles: 64 keys x 64 hs x 4 B = 16 KiB of K or V, half of L1d
-
-
-def attention_fwd_cpu_plain(q, k, v):
-    B, NH, T, hs = q.shape
-    out = np.empty(q.shape, dtype=q.dtype)  # C order whatever q's strides: reshaped below
-    lse = np.empty((B, NH, T), dtype=q.dtype)
-    _attn_fwd_plain(_heads(q), _transposed(_heads(k)), _heads(v), q.dtype.type(1 / math.sqrt(hs)),
-                    out.reshape(B * NH, T, hs), lse.reshape(B * NH, T))
-    return out, lse
-
-
-def attention_fwd_cpu_flash(q, k, v, *, br=None, bc=None):  # tiles: keyword-only, for tests
-    B, NH, T, hs = q.shape
-    out = np.empty(q.shape, dtype=q.dtype)  # C order whatever q's strides: reshaped below
-    lse = np.empty((B, NH, T), dtype=q.dtype)
-    _attn_fwd_flash(_heads(q), _transposed(_heads(k)), _heads(v), q.dtype.type(1 / math.sqrt(hs)),
-                    out.reshape(B * NH, T, hs), lse.reshape(B * NH, T), br or FLASH_BR, bc or FLASH_BC)
-    return out, lse
-
-
-def _bwd_args(dout, q, k, v, out, lse):
-    B, NH, T, hs = q.shape
-    k3, v3 = _heads(k), _heads(v)
-    grads = tuple(np.empty(q.shape, dtype=q.dtype) for _ in range(3))
-    args = (_heads(dout), _heads(q), k3, _transposed(k3), v3, _transposed(v3), _heads(out),
-            np.ascontiguousarray(lse).reshape(B * NH, T), q.dtype.type(1 / math.sqrt(hs)))
-    return args, grads, tuple(g.reshape(B * NH, T, hs) for g in grads)
-
-
-def attention_bwd_cpu_plain(dout, q, k, v, out, lse):
-    args, grads, views = _bwd_args(dout, q, k, v, out, lse)
-    _attn_bwd_plain(*args, *views)
-    return grads
-
-
-def attention_bwd_cpu_flash(dout, q, k, v, out, lse, *, bc=None):
-    args, grads, views = _bwd_args(dout, q, k, v, out, lse)
-    _attn_bwd_flash(*args, *views, bc or FLASH_BC)
-    return grads
-
-
-# ---------------------------------------------------------------------------------------------
-# Numba CPU + BLAS, "cpu_blas": query tiles of BLAS_BR rows for all heads at once; the four
-# products per tile go to BLAS (np.matmul, batched over heads, keys 0..i1 only: causal tiles
-# skip the upper-right blocks), the causal mask, softmax and dS are fused Numba loops.
-# Extra memory: two (B*NH, BLAS_BR, T) tiles, so it grows with T, not T^2.
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _softmax_tile(S, i0, scale, lse):  # S (BH, R, L) raw scores of query rows i0..i0+R-1
-    BH, R, L = S.shape
-    for u in prange(BH * R):
-        h = u // R
-        r = u - h * R
-        row = S[h, r]
-        n = i0 + r + 1  # causal: keys 0..i
-        m = row[0] * scale
-        for j in range(n):
-            row[j] *= scale
-            m = max(m, row[j])
-        tot = m * 0
-        for j in range(n):
-            e = fexp(row[j] - m)
-            row[j] = e
-            tot += e
-        inv = 1 / tot
-        for j in range(n):
-            row[j] *= inv
-        for j in range(n, L):  # masked keys: exactly 0 so P @ V ignores them
-            row[j] = 0
-        lse[h, i0 + r] = m + np.log(tot)
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _ds_tile(S, dP, i0, scale, lse, D):  # S raw scores -> P (in S); dP -> scale * dS (in dP)
-    BH, R, L = S.shape
-    for u in prange(BH * R):
-        h = u // R
-        r = u - h * R
-        row = S[h, r]
-        drow = dP[h, r]
-        n = i0 + r + 1
-        l = lse[h, i0 + r]
-        Di = D[h, i0 + r]
-        for j in range(n):
-            p = fexp(row[j] * scale - l)   # forward: P = exp(S - lse)
-            row[j] = p
-            drow[j] = p * (drow[j] - Di) * scale  # dS = P (dP - D), times the score scale
-        for j in range(n, L):
-            row[j] = 0
-            drow[j] = 0
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _rowdot(a, b, out):  # (BH,T,hs) x2 -> (BH,T): D = rowsum(dout * out)
-    BH, T, hs = a.shape
-    for u in prange(BH * T):
-        h = u // T
-        i = u - h * T
-        out[h, i] = _dot(a[h, i], b[h, i])
-
-
-BLAS_BR = 128  # query rows per tile; measured at T=256: 128 beat 32, 64 and 256 (see log)
-
-
-def attention_fwd_cpu_blas(q, k, v, *, br=None):
-    B, NH, T, hs = q.shape
-    br = br or BLAS_BR
-    q3, k3, v3 = _heads(q), _heads(k), _heads(v)
-    out = np.empty_like(q3)
-    lse = np.empty((B * NH, T), dtype=q.dtype)
-    scale = q.dtype.type(1 / math.sqrt(hs))
-    for i0 in range(0, T, br):
-        i1 = min(T, i0 + br)
-        S = np.matmul(q3[:, i0:i1], k3[:, :i1].transpose(0, 2, 1))  # (BH, R, i1)
-        _softmax_tile(S, i0, scale, lse)
-        np.matmul(S, v3[:, :i1], out=out[:, i0:i1])
-    return out.reshape(q.shape), lse.reshape(B, NH, T)
-
-
-def attention_bwd_cpu_blas(dout, q, k, v, out, lse, *, br=None):
-    B, NH, T, hs = q.shape
-    br = br or BLAS_BR
-    q3, k3, v3, do3, o3 = (_heads(x) for x in (q, k, v, dout, out))
-    l3 = np.ascontiguousarray(lse).reshape(B * NH, T)
-    D = np.empty((B * NH, T), dtype=q.dtype)
-    _rowdot(do3, o3, D)
-    scale = q.dtype.type(1 / math.sqrt(hs))
-    dq = np.empty_like(q3)
-    dk = np.zeros_like(q3)
-    dv = np.zeros_like(q3)
-    tmp = np.empty_like(q3)
-    for i0 in range(0, T, br):
-        i1 = min(T, i0 + br)
-        S = np.matmul(q3[:, i0:i1], k3[:, :i1].transpose(0, 2, 1))
-        dP = np.matmul(do3[:, i0:i1], v3[:, :i1].transpose(0, 2, 1))  # dP = dout V^T
-        _ds_tile(S, dP, i0, scale, l3, D)
-        np.matmul(dP, k3[:, :i1], out=dq[:, i0:i1])                   # dQ = dS K
-        t = tmp[:, :i1]
-        np.matmul(dP.transpose(0, 2, 1), q3[:, i0:i1], out=t)         # dK += dS^T Q
-        dk[:, :i1] += t
-        np.matmul(S.transpose(0, 2, 1), do3[:, i0:i1], out=t)         # dV += P^T dout
-        dv[:, :i1] += t
-    return dq.reshape(q.shape), dk.reshape(q.shape), dv.reshape(q.shape)
-
-
 # ---------------------------------------------------------------------------------------------
 # Numba CPU + GEMM per head, "cpu_gemm": one head per Numba thread; for each query tile of
 # GEMM_BR rows (keys 0..i1 only) the products are BLAS GEMM calls made from inside the kernel
@@ -501,18 +223,19 @@ def _ld(x):  # leading dimension (elements between rows t and t+1) of a (B, NH, 
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _attn_fwd_gemm(gemm, q, k, v, scale, out, lse, BR):  # (B,NH,T,hs) x3 -> out, lse (B,NH,T)
+def _attn_fwd_gemm(gemm, q, k, v, scale, out, lse, BR):  # (B,NH,T,hs), (B,NKV,T,hs) x2 -> out, lse
     B, NH, T, hs = q.shape
+    G = NH // k.shape[1]  # query heads per kv head
     isz = q.itemsize
     lq, lk, lv, lo = _ld(q), _ld(k), _ld(v), _ld(out)
     zero = scale - scale
     one = scale / scale
-    for u in prange(B * NH):
+    for u in prange(B * NH):  # reads k, v only: query heads sharing a kv head run in parallel
         b, h = u // NH, u % NH
         S = np.empty((BR, T), dtype=q.dtype)
         tots = np.empty(BR, dtype=q.dtype)
         sa = S.ctypes.data
-        qa, ka, va, oa = q[b, h].ctypes.data, k[b, h].ctypes.data, v[b, h].ctypes.data, out[b, h].ctypes.data
+        qa, ka, va, oa = q[b, h].ctypes.data, k[b, h // G].ctypes.data, v[b, h // G].ctypes.data, out[b, h].ctypes.data
         for i0 in range(0, T, BR):
             R = min(BR, T - i0)
             n = i0 + R
@@ -542,44 +265,50 @@ def _attn_fwd_gemm(gemm, q, k, v, scale, out, lse, BR):  # (B,NH,T,hs) x3 -> out
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
 def _attn_bwd_gemm(gemm, dout, q, k, v, out, lse, scale, dq, dk, dv, BR):
     B, NH, T, hs = q.shape
+    NKV = k.shape[1]
+    G = NH // NKV
     isz = q.itemsize
     lq, lk, lv, ld_ = _ld(q), _ld(k), _ld(v), _ld(dout)
     lgq, lgk, lgv = _ld(dq), _ld(dk), _ld(dv)
     zero = scale - scale
     one = scale / scale
-    for u in prange(B * NH):
-        b, h = u // NH, u % NH
+    for u in prange(B * NKV):  # one writer per kv head's dk, dv: its G query heads run here
+        b, kh = u // NKV, u % NKV
         S = np.empty((BR, T), dtype=q.dtype)
         dP = np.empty((BR, T), dtype=q.dtype)
         sa, pa = S.ctypes.data, dP.ctypes.data
-        qa, ka, va, da = q[b, h].ctypes.data, k[b, h].ctypes.data, v[b, h].ctypes.data, dout[b, h].ctypes.data
-        dqa, dka, dva = dq[b, h].ctypes.data, dk[b, h].ctypes.data, dv[b, h].ctypes.data
-        # last tile first: it covers every key, so its beta = 0 initialises all of dk, dv
+        ka, va = k[b, kh].ctypes.data, v[b, kh].ctypes.data
+        dka, dva = dk[b, kh].ctypes.data, dv[b, kh].ctypes.data
+        # the first query head's last tile covers every key: its beta = 0 initialises all of
+        # dk, dv; every later tile and head adds (beta = 1)
         first = True
-        for i0 in range((T - 1) // BR * BR, -1, -BR):
-            R = min(BR, T - i0)
-            n = i0 + R
-            gemm(101, 111, 112, R, n, hs, scale, qa + i0 * lq * isz, lq, ka, lk, zero, sa, T)  # S
-            gemm(101, 111, 112, R, n, hs, one, da + i0 * ld_ * isz, ld_, va, lv, zero, pa, T)  # dP = dout V^T
-            for r in range(R):
-                i = i0 + r
-                c = i + 1
-                row = S[r]
-                drow = dP[r]
-                l = lse[b, h, i]
-                Di = _dot(dout[b, h, i], out[b, h, i])
-                for j in range(c):
-                    p = fexp(row[j] - l)  # P = exp(S - lse), recomputed
-                    row[j] = p
-                    drow[j] = p * (drow[j] - Di) * scale  # dS = P (dP - D), times the score scale
-                for j in range(c, n):
-                    row[j] = 0
-                    drow[j] = 0
-            beta = zero if first else one
-            first = False
-            gemm(101, 111, 111, R, hs, n, one, pa, T, ka, lk, zero, dqa + i0 * lgq * isz, lgq)  # dQ = dS K
-            gemm(101, 112, 111, n, hs, R, one, pa, T, qa + i0 * lq * isz, lq, beta, dka, lgk)    # dK += dS^T Q
-            gemm(101, 112, 111, n, hs, R, one, sa, T, da + i0 * ld_ * isz, ld_, beta, dva, lgv)  # dV += P^T dout
+        for g in range(G):
+            h = kh * G + g
+            qa, da, dqa = q[b, h].ctypes.data, dout[b, h].ctypes.data, dq[b, h].ctypes.data
+            for i0 in range((T - 1) // BR * BR, -1, -BR):  # last tile first
+                R = min(BR, T - i0)
+                n = i0 + R
+                gemm(101, 111, 112, R, n, hs, scale, qa + i0 * lq * isz, lq, ka, lk, zero, sa, T)  # S
+                gemm(101, 111, 112, R, n, hs, one, da + i0 * ld_ * isz, ld_, va, lv, zero, pa, T)  # dP = dout V^T
+                for r in range(R):
+                    i = i0 + r
+                    c = i + 1
+                    row = S[r]
+                    drow = dP[r]
+                    l = lse[b, h, i]
+                    Di = _dot(dout[b, h, i], out[b, h, i])
+                    for j in range(c):
+                        p = fexp(row[j] - l)  # P = exp(S - lse), recomputed
+                        row[j] = p
+                        drow[j] = p * (drow[j] - Di) * scale  # dS = P (dP - D), times the score scale
+                    for j in range(c, n):
+                        row[j] = 0
+                        drow[j] = 0
+                beta = zero if first else one
+                first = False
+                gemm(101, 111, 111, R, hs, n, one, pa, T, ka, lk, zero, dqa + i0 * lgq * isz, lgq)  # dQ = dS K
+                gemm(101, 112, 111, n, hs, R, one, pa, T, qa + i0 * lq * isz, lq, beta, dka, lgk)    # dK += dS^T Q
+                gemm(101, 112, 111, n, hs, R, one, sa, T, da + i0 * ld_ * isz, ld_, beta, dva, lgv)  # dV += P^T dout
 
 
 GEMM_BR = 64  # query rows per tile (see the version log)
@@ -601,9 +330,11 @@ def _rows_view(x):
 def attention_fwd_cpu_gemm(q, k, v, *, br=None):
     """out is returned as a (B, NH, T, hs) view of a (B, T, NH, hs) array: merging the heads
     back to (B, T, C) is then a free reshape."""
+    group_size(q, k, v)
     gemm = _gemm_or_none(q)
     if gemm is None:  # no OpenBLAS GEMM to call from Numba (MKL, Accelerate): batched matmul
-        return attention_fwd_cpu_blas(q, k, v)
+        from kernels.lab import attention as lab  # noqa: PLC0415
+        return lab.attention_fwd_cpu_blas(q, k, v)
     from kernels._blas import blas_single_threaded  # noqa: PLC0415
     B, NH, T, hs = q.shape
     out = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)
@@ -615,16 +346,24 @@ def attention_fwd_cpu_gemm(q, k, v, *, br=None):
 
 
 def attention_bwd_cpu_gemm(dout, q, k, v, out, lse, *, br=None):
-    """dq, dk, dv are returned as (B, NH, T, hs) views of one (B, T, 3, NH, hs) array, the
-    layout of the gradient of a fused qkv projection (tinylm.functional.AttentionQKV uses it
-    as is)."""
+    """dq, dk, dv are returned as (B, NH|NKV, T, hs) views of one array laid out as the gradient
+    of a fused qkv projection: (B, T, 3, NH, hs) when NKV = NH (tinylm.functional.AttentionQKV
+    uses it as is), else (B, T, NH + 2 NKV, hs), the q heads, then the k heads, then the v heads."""
+    G = group_size(q, k, v)
     gemm = _gemm_or_none(q)
     if gemm is None:
-        return attention_bwd_cpu_blas(dout, q, k, v, out, lse)
+        from kernels.lab import attention as lab  # noqa: PLC0415
+        return lab.attention_bwd_cpu_blas(dout, q, k, v, out, lse)
     from kernels._blas import blas_single_threaded  # noqa: PLC0415
     B, NH, T, hs = q.shape
-    g = np.empty((B, T, 3, NH, hs), dtype=q.dtype)
-    dq, dk, dv = (g[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    if G == 1:
+        g = np.empty((B, T, 3, NH, hs), dtype=q.dtype)
+        dq, dk, dv = (g[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    else:
+        NKV = NH // G
+        g = np.empty((B, T, NH + 2 * NKV, hs), dtype=q.dtype)
+        dq, dk, dv = (g[:, :, a:z].transpose(0, 2, 1, 3)
+                      for a, z in ((0, NH), (NH, NH + NKV), (NH + NKV, NH + 2 * NKV)))
     with blas_single_threaded():
         _attn_bwd_gemm(gemm, _rows_view(dout), _rows_view(q), _rows_view(k), _rows_view(v),
                        _rows_view(out), np.ascontiguousarray(lse), q.dtype.type(1 / math.sqrt(hs)),
@@ -634,17 +373,20 @@ def attention_bwd_cpu_gemm(dout, q, k, v, out, lse, *, br=None):
 
 # ---------------------------------------------------------------------------------------------
 # GPU: one thread per query row (forward, dq) or key row (dk, dv); float64 local accumulators.
+# Heads flattened: q rows (B*NH, T, hs), k, v rows (B*NKV, T, hs); with h = b*NH + hq, the kv
+# row of query row h is h // G (= b*NKV + hq // G, as G divides NH).
 
 HS_MAX = 128  # local-array size must be a compile-time constant
 ATT_THREADS = 128
 
 
-def _attn_fwd_gpu_kernel(q, k, v, scale, out, lse):  # (BH,T,hs) x3, float, (BH,T,hs), (BH,T)
+def _attn_fwd_gpu_kernel(q, k, v, scale, G, out, lse):  # (BH,T,hs), (BKV,T,hs) x2, float, int -> out, lse
     u = cuda.grid(1)
     BH, T, hs = q.shape
     if u < BH * T:
         h = u // T
         i = u - h * T
+        kh = h // G
         acc = cuda.local.array(HS_MAX, dtype=float64)
         for d in range(hs):
             acc[d] = 0.0
@@ -653,26 +395,27 @@ def _attn_fwd_gpu_kernel(q, k, v, scale, out, lse):  # (BH,T,hs) x3, float, (BH,
         for j in range(i + 1):  # causal; online softmax, one key at a time
             s = 0.0
             for d in range(hs):
-                s += q[h, i, d] * k[h, j, d]
+                s += q[h, i, d] * k[kh, j, d]
             s *= scale
             mnew = max(m, s)
             corr = math.exp(m - mnew)  # exp(-inf) = 0 on the first key
             p = math.exp(s - mnew)
             l = l * corr + p
             for d in range(hs):
-                acc[d] = acc[d] * corr + p * v[h, j, d]
+                acc[d] = acc[d] * corr + p * v[kh, j, d]
             m = mnew
         for d in range(hs):
             out[h, i, d] = acc[d] / l
         lse[h, i] = m + math.log(l)
 
 
-def _attn_bwd_dq_gpu_kernel(dout, q, k, v, out, lse, scale, dq, D):
+def _attn_bwd_dq_gpu_kernel(dout, q, k, v, out, lse, scale, G, dq, D):
     u = cuda.grid(1)
     BH, T, hs = q.shape
     if u < BH * T:
         h = u // T
         i = u - h * T
+        kh = h // G
         Di = 0.0
         for d in range(hs):
             Di += dout[h, i, d] * out[h, i, d]
@@ -684,41 +427,42 @@ def _attn_bwd_dq_gpu_kernel(dout, q, k, v, out, lse, scale, dq, D):
             s = 0.0
             dp = 0.0
             for d in range(hs):
-                s += q[h, i, d] * k[h, j, d]
-                dp += dout[h, i, d] * v[h, j, d]
+                s += q[h, i, d] * k[kh, j, d]
+                dp += dout[h, i, d] * v[kh, j, d]
             p = math.exp(s * scale - lse[h, i])
             ds = p * (dp - Di) * scale
             for d in range(hs):
-                acc[d] += ds * k[h, j, d]
+                acc[d] += ds * k[kh, j, d]
         for d in range(hs):
             dq[h, i, d] = acc[d]
 
 
-def _attn_bwd_dkdv_gpu_kernel(dout, q, k, v, lse, D, scale, dk, dv):
+def _attn_bwd_dkdv_gpu_kernel(dout, q, k, v, lse, D, scale, G, dk, dv):
     u = cuda.grid(1)
-    BH, T, hs = q.shape
-    if u < BH * T:
-        h = u // T
-        j = u - h * T
+    BKV, T, hs = k.shape
+    if u < BKV * T:
+        kh = u // T
+        j = u - kh * T
         ak = cuda.local.array(HS_MAX, dtype=float64)
         av = cuda.local.array(HS_MAX, dtype=float64)
         for d in range(hs):
             ak[d] = 0.0
             av[d] = 0.0
-        for i in range(j, T):  # the queries that attend to key j
-            s = 0.0
-            dp = 0.0
-            for d in range(hs):
-                s += q[h, i, d] * k[h, j, d]
-                dp += dout[h, i, d] * v[h, j, d]
-            p = math.exp(s * scale - lse[h, i])
-            ds = p * (dp - D[h, i]) * scale
-            for d in range(hs):
-                ak[d] += ds * q[h, i, d]
-                av[d] += p * dout[h, i, d]
+        for h in range(kh * G, kh * G + G):  # the query heads that share this kv head
+            for i in range(j, T):  # the queries that attend to key j
+                s = 0.0
+                dp = 0.0
+                for d in range(hs):
+                    s += q[h, i, d] * k[kh, j, d]
+                    dp += dout[h, i, d] * v[kh, j, d]
+                p = math.exp(s * scale - lse[h, i])
+                ds = p * (dp - D[h, i]) * scale
+                for d in range(hs):
+                    ak[d] += ds * q[h, i, d]
+                    av[d] += p * dout[h, i, d]
         for d in range(hs):
-            dk[h, j, d] = ak[d]
-            dv[h, j, d] = av[d]
+            dk[kh, j, d] = ak[d]
+            dv[kh, j, d] = av[d]
 
 
 _GPU = {}
@@ -737,7 +481,7 @@ def _gpu_heads(x):
     B, NH, T, hs = x.shape
     if hs > HS_MAX:
         raise ValueError(f"GPU attention supports head size <= {HS_MAX}, got {hs}")
-    return array_module(x).ascontiguousarray(x).reshape(B * NH, T, hs)
+    return array_module(x).ascontiguousarray(x).reshape(B * NH, T, hs)  # NH: NKV for k, v
 
 
 def _gpu_grid(n):
@@ -747,11 +491,12 @@ def _gpu_grid(n):
 @register("attention_fwd", "gpu")
 def attention_fwd_gpu(q, k, v):
     xp = array_module(q)
+    G = group_size(q, k, v)
     B, NH, T, hs = q.shape
     out = xp.empty(q.shape, dtype=q.dtype)  # C order whatever q's strides: reshaped below
     lse = xp.empty((B, NH, T), dtype=q.dtype)
     _gpu()["fwd"][_gpu_grid(B * NH * T)](_gpu_heads(q), _gpu_heads(k), _gpu_heads(v),
-                                         1 / math.sqrt(hs), out.reshape(B * NH, T, hs),
+                                         1 / math.sqrt(hs), G, out.reshape(B * NH, T, hs),
                                          lse.reshape(B * NH, T))
     return out, lse
 
@@ -759,53 +504,57 @@ def attention_fwd_gpu(q, k, v):
 @register("attention_bwd", "gpu")
 def attention_bwd_gpu(dout, q, k, v, out, lse):
     xp = array_module(q)
+    G = group_size(q, k, v)
     B, NH, T, hs = q.shape
+    NKV = NH // G
     a = [_gpu_heads(x) for x in (dout, q, k, v, out)]
     l3 = xp.ascontiguousarray(lse).reshape(B * NH, T)
-    dq, dk, dv = (xp.empty(q.shape, dtype=q.dtype) for _ in range(3))
+    dq = xp.empty(q.shape, dtype=q.dtype)
+    dk, dv = (xp.empty(k.shape, dtype=q.dtype) for _ in range(2))
     D = xp.empty((B * NH, T), dtype=q.dtype)
     scale = 1 / math.sqrt(hs)
-    g = _gpu_grid(B * NH * T)
     kern = _gpu()
-    kern["dq"][g](*a, l3, scale, dq.reshape(B * NH, T, hs), D)
-    kern["dkdv"][g](a[0], a[1], a[2], a[3], l3, D, scale, dk.reshape(B * NH, T, hs),
-                    dv.reshape(B * NH, T, hs))
+    kern["dq"][_gpu_grid(B * NH * T)](*a, l3, scale, G, dq.reshape(B * NH, T, hs), D)
+    kern["dkdv"][_gpu_grid(B * NKV * T)](a[0], a[1], a[2], a[3], l3, D, scale, G,
+                                          dk.reshape(B * NKV, T, hs), dv.reshape(B * NKV, T, hs))
     return dq, dk, dv
 
 
 def gpu_kernels_for_ptx():
     """(name, python function, float32 signature) of each GPU kernel, for compile_ptx checks."""
-    from numba import float32, void
+    from numba import float32, int64, void
     load_cuda(globals())
     t3, t2 = float32[:, :, ::1], float32[:, ::1]
     return [
-        ("attention_fwd", _attn_fwd_gpu_kernel, void(t3, t3, t3, float64, t3, t2)),
-        ("attention_bwd_dq", _attn_bwd_dq_gpu_kernel, void(t3, t3, t3, t3, t3, t2, float64, t3, t2)),
+        ("attention_fwd", _attn_fwd_gpu_kernel, void(t3, t3, t3, float64, int64, t3, t2)),
+        ("attention_bwd_dq", _attn_bwd_dq_gpu_kernel,
+         void(t3, t3, t3, t3, t3, t2, float64, int64, t3, t2)),
         ("attention_bwd_dkdv", _attn_bwd_dkdv_gpu_kernel,
-         void(t3, t3, t3, t3, t2, t2, float64, t3, t3)),
+         void(t3, t3, t3, t3, t2, t2, float64, int64, t3, t3)),
     ]
 
 
 # "cpu" = cpu_gemm (v4 in the log: the fastest, ~1.6x faster than cpu_blas and faster than
 # PyTorch's SDPA); it falls back to cpu_blas where NumPy's BLAS is not an OpenBLAS it can call.
-# Plain and flash stay for study; flash for O(T) memory without BLAS.
+# Plain, flash and blas live in kernels/lab/attention.py, whose VARIANTS extends this one.
 register("attention_fwd", "cpu")(attention_fwd_cpu_gemm)
 register("attention_bwd", "cpu")(attention_bwd_cpu_gemm)
 
-VARIANTS = {
-    "attention_fwd": {"ref": attention_fwd_ref, "cpu_plain": attention_fwd_cpu_plain,
-                      "cpu_flash": attention_fwd_cpu_flash, "cpu_blas": attention_fwd_cpu_blas,
-                      "cpu_gemm": attention_fwd_cpu_gemm, "gpu": attention_fwd_gpu},
-    "attention_bwd": {"ref": attention_bwd_ref, "cpu_plain": attention_bwd_cpu_plain,
-                      "cpu_flash": attention_bwd_cpu_flash, "cpu_blas": attention_bwd_cpu_blas,
-                      "cpu_gemm": attention_bwd_cpu_gemm, "gpu": attention_bwd_gpu},
+VARIANTS = {  # this file's; the family's whole table (the lab's too): kernels.lab.attention.VARIANTS
+    "attention_fwd": {"ref": attention_fwd_ref, "cpu_gemm": attention_fwd_cpu_gemm,
+                      "gpu": attention_fwd_gpu},
+    "attention_bwd": {"ref": attention_bwd_ref, "cpu_gemm": attention_bwd_cpu_gemm,
+                      "gpu": attention_bwd_gpu},
 }
 
 
 if __name__ == "__main__":
+    import sys
     B, NH, T, hs = 8, 6, 256, 64
+    NKV = int(sys.argv[sys.argv.index("--nkv") + 1]) if "--nkv" in sys.argv else NH  # GQA: --nkv 2
     rng = np.random.default_rng(0)
-    q_, k_, v_, d_ = (rng.standard_normal((B, NH, T, hs)).astype(np.float32) for _ in range(4))
+    q_, d_ = (rng.standard_normal((B, NH, T, hs)).astype(np.float32) for _ in range(2))
+    k_, v_ = (rng.standard_normal((B, NKV, T, hs)).astype(np.float32) for _ in range(2))
     o_, l_ = attention_fwd_ref(q_, k_, v_)
     main_check(VARIANTS, {
         "attention_fwd": (lambda xp: tuple(xp.asarray(a) for a in (q_, k_, v_)), ()),

@@ -8,7 +8,8 @@ Shapes: N rows (B*T), V vocab. logits, dlogits (N, V); targets, loss_rows, lse, 
 
 CPU: one row at a time per thread, three passes over the row (max, sum of exp, write), so no
 probability row is ever stored beyond the output itself; exp is ``fexp`` (kernels/_mathfn.py):
-vectorisable, and its clamp at -87 keeps exp(z - m) normal (no subnormals, PERF-NOTES).
+vectorisable, and its clamp at -87 keeps exp(z - m) normal (no subnormals: docs/performance.md,
+"Pitfalls: denormals").
 Finite for logits at +-1000: only differences z - m <= 0 are exponentiated.
 
 Leaves out: label smoothing, class weights, the mean over rows (the caller divides).
@@ -16,7 +17,8 @@ References: llm.c fused_classifier; Milakov & Gimelshein 2018 "Online normalizer
 
 Version log (python -m kernels.cross_entropy: N=2048, V=8192 float32, 2 threads, medians):
   v1 cpu: prange over rows; max pass, fexp-sum pass, then (bwd) one write pass. fwd 7.4 ms vs
-     ref 34.4 ms (4.7x); bwd 7.2 ms vs ref 45.3 ms (6.3x). PyTorch fwd+bwd: 65 ms (PERF-NOTES).
+     ref 34.4 ms (4.7x); bwd 7.2 ms vs ref 45.3 ms (6.3x). PyTorch fwd+bwd: 65 ms
+     (docs/performance.md, "PyTorch reference points").
      The bwd writes N*V floats once (67 MB): it runs near the copy bandwidth.
 """
 from __future__ import annotations

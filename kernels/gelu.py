@@ -12,8 +12,8 @@ Leaves out: the exact erf GELU (GPT-2 uses the tanh form).
 References: Hendrycks & Gimpel 2016 "Gaussian Error Linear Units"; llm.c gelu_forward/backward.
 
 Version log (python -m kernels.gelu: 8 x 256 x 1536 float32, 2 threads, medians):
-  v0 np.tanh inside the Numba loop: one libm call per element, no SIMD; PERF-NOTES measured
-     45 ms fwd+bwd against PyTorch's 10.7 ms (lost to NumPy too).
+  v0 np.tanh inside the Numba loop: one libm call per element, no SIMD: 45 ms fwd+bwd against
+     PyTorch's 10.7 ms, lost to NumPy too (docs/performance.md, "Pitfalls: no SVML for Numba").
   v1 ftanh from exp, but with Numba's default error_model="python": every division checks for
      zero, the loop stayed scalar (15 ms for tanh on 4M values).
   v2 error_model="numpy": vectorised (AVX-512). fwd 1.33 ms vs ref 8.1 ms (6x); bwd 1.78 ms vs
@@ -83,8 +83,9 @@ def _gelu_bwd_cpu(dout, x, dx, s, k):  # (n,) x3 flat
 def gelu_fwd_cpu(x):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    # ravel() here, never reshape inside the kernel: PERF-NOTES saw a parallel loop skip its
-    # body when the kernel reshaped its argument
+    # ravel() here, never reshape inside the kernel: a parallel loop skipped its body when the
+    # kernel reshaped its argument (docs/performance.md, "Pitfalls: a parallel loop that
+    # silently did nothing")
     _gelu_fwd_cpu(x.ravel(), out.ravel(), x.dtype.type(GELU_S), x.dtype.type(GELU_K))
     return out
 

@@ -12,7 +12,7 @@ References: torch.nn.utils.clip_grad_norm_.
 Version log (python -m kernels.gradnorm: 13.9M float32, 2 threads, medians):
   v1 loop written inline in the prange body: stayed scalar, 7.8 ms (15.0 ms on 1 thread).
   v2 the loop in a separate @njit function called on a slice: vectorised, 1.27 ms vs ref
-     18.5 ms (15x); PyTorch's grad norm 7.8 ms (PERF-NOTES).
+     18.5 ms (15x); PyTorch's grad norm 7.8 ms (docs/performance.md, "PyTorch reference points").
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Version log (python -m kernels.layernorm: N=2048, C=384, float32, 2 threads, med
   v1 cpu: prange over rows, two-pass mean/variance in the row (in L1); backward with 16
      fixed row chunks, each owning a partial dw/db row (race-free, thread-count independent).
      fwd 0.21 ms vs ref 1.62 ms (7.9x); bwd 0.34 ms vs ref 3.0 ms (8.8x). PyTorch's
-     fwd+bwd on this machine kind: 0.88 ms (PERF-NOTES).
+     fwd+bwd on this machine kind: 0.88 ms (docs/performance.md, "PyTorch reference points").
   gpu: one block of 128 threads per row, float64 shared-memory tree sums; dw/db one thread
      per column. Checked under the simulator and as PTX only (no GPU here).
 """

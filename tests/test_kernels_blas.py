@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import _blas, attention, matmul
+from kernels.lab import attention as lab_attention
 from kernels._blas import _openblas_libs
 from kernels._threads import blas_num_threads, set_blas_threads, set_num_threads
 
@@ -91,8 +92,8 @@ def test_attention_gemm_ignores_what_it_overwrites():
 def test_attention_gemm_falls_back_to_batched_blas(monkeypatch):
     monkeypatch.setattr(attention, "_gemm_or_none", lambda q: None)
     called = []
-    real = attention.attention_fwd_cpu_blas
-    monkeypatch.setattr(attention, "attention_fwd_cpu_blas", lambda *a: called.append(1) or real(*a))
+    real = lab_attention.attention_fwd_cpu_blas
+    monkeypatch.setattr(lab_attention, "attention_fwd_cpu_blas", lambda *a: called.append(1) or real(*a))
     rng = np.random.default_rng(4)
     q, k, v, d = (rng.standard_normal((1, 2, 9, 4)).astype(np.float32) for _ in range(4))
     want = attention.attention_fwd_ref(q, k, v)

@@ -2,7 +2,8 @@
 
 - Extremes named in the spec: logits at +-1000, ignore_index rows, duplicate ids, T=1, C=1.
 - Poisoned outputs: each parallel Numba kernel is called directly on NaN-filled output buffers;
-  an element a prange loop skipped would stay NaN (PERF-NOTES saw such a loop do nothing).
+  an element a prange loop skipped would stay NaN (docs/performance.md, "Pitfalls: a parallel
+  loop that silently did nothing").
 - The backward references against central finite differences of the forward references in
   float64 (the variants are compared with the references; this checks the references).
 """
@@ -11,10 +12,12 @@ import math
 import numpy as np
 import pytest
 
-from kernels import adamw, attention, cross_entropy, embedding, gelu, gradnorm, layernorm, matmul
+from kernels import adamw, attention, cross_entropy, embedding, gelu, gradnorm, layernorm
+from kernels.lab import attention as lab_attention
+from kernels.lab import matmul as lab_matmul
 
 CPU_CE = [n for n in cross_entropy.VARIANTS["cross_entropy_fwd"] if not n.startswith("gpu")]
-CPU_ATT = [n for n in attention.VARIANTS["attention_fwd"] if not n.startswith("gpu")]
+CPU_ATT = [n for n in lab_attention.VARIANTS["attention_fwd"] if not n.startswith("gpu")]
 
 
 def nan_like(a, shape=None, dtype=None):
@@ -62,7 +65,7 @@ def test_cross_entropy_all_rows_ignored(name):
 def test_attention_T1_is_v(name):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 3, 1, 8)) for _ in range(3))
-    out, lse = attention.VARIANTS["attention_fwd"][name](q, k, v)
+    out, lse = lab_attention.VARIANTS["attention_fwd"][name](q, k, v)
     np.testing.assert_allclose(out, v, rtol=1e-14)  # one key: softmax weight exactly 1
     np.testing.assert_allclose(lse[..., 0], (q * k).sum(-1)[..., 0] / math.sqrt(8), rtol=1e-12)
 
@@ -74,11 +77,11 @@ def test_attention_large_scores_finite(name):
     q, k, v, d = (rng.standard_normal((1, 2, 70, 16)).astype(np.float32) for _ in range(4))
     q *= 60.0
     want = attention.attention_fwd_ref(q, k, v)
-    got = attention.VARIANTS["attention_fwd"][name](q, k, v)
+    got = lab_attention.VARIANTS["attention_fwd"][name](q, k, v)
     for g, r in zip(got, want):
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-3 * np.abs(r).max())
-    for g, r in zip(attention.VARIANTS["attention_bwd"][name](d, q, k, v, *want),
+    for g, r in zip(lab_attention.VARIANTS["attention_bwd"][name](d, q, k, v, *want),
                     attention.attention_bwd_ref(d, q, k, v, *want)):
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3 * max(1.0, np.abs(r).max()))
@@ -89,9 +92,9 @@ def test_attention_flash_default_tiles_long_T():
     rng = np.random.default_rng(3)
     q, k, v, d = (rng.standard_normal((1, 2, 150, 32)).astype(np.float32) for _ in range(4))
     want = attention.attention_fwd_ref(q, k, v)
-    for g, r in zip(attention.attention_fwd_cpu_flash(q, k, v), want):
+    for g, r in zip(lab_attention.attention_fwd_cpu_flash(q, k, v), want):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=2e-5)
-    for g, r in zip(attention.attention_bwd_cpu_flash(d, q, k, v, *want),
+    for g, r in zip(lab_attention.attention_bwd_cpu_flash(d, q, k, v, *want),
                     attention.attention_bwd_ref(d, q, k, v, *want)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=5e-5)
 
@@ -195,17 +198,17 @@ def test_poisoned_attention():
     for fwd in ("plain", "flash"):
         out, lse = nan_like(q), nan_like(q, (3, 21))
         if fwd == "plain":
-            attention._attn_fwd_plain(q, kT, v, scale, out, lse)
+            lab_attention._attn_fwd_plain(q, kT, v, scale, out, lse)
         else:
-            attention._attn_fwd_flash(q, kT, v, scale, out, lse, 4, 3)
+            lab_attention._attn_fwd_flash(q, kT, v, scale, out, lse, 4, 3)
         np.testing.assert_allclose(out, want[0][0], rtol=1e-12)
         np.testing.assert_allclose(lse, want[1][0], rtol=1e-12)
         grads = [nan_like(q) for _ in range(3)]
         args = (d, q, k, kT, v, vT, out, lse, scale, *grads)
         if fwd == "plain":
-            attention._attn_bwd_plain(*args)
+            lab_attention._attn_bwd_plain(*args)
         else:
-            attention._attn_bwd_flash(*args, 3)
+            lab_attention._attn_bwd_flash(*args, 3)
         for g, r in zip(grads, want_b):
             np.testing.assert_allclose(g, r[0], rtol=1e-10, atol=1e-12)
 
@@ -229,7 +232,7 @@ def test_poisoned_sumsq_parts_and_matmul():
     assert np.all(np.isfinite(parts)) and parts.sum() == pytest.approx(np.dot(x, x), rel=1e-13)
     a, b = np.random.default_rng(12).standard_normal((45, 13)), np.random.default_rng(13).standard_normal((13, 70))
     c = np.full((45, 70), np.nan)
-    matmul._matmul_cpu_numba(a, b, c, 8, 5, 16)  # blocks that do not divide the sizes
+    lab_matmul._matmul_cpu_numba(a, b, c, 8, 5, 16)  # blocks that do not divide the sizes
     np.testing.assert_allclose(c, a @ b, rtol=1e-12, atol=1e-12)
 
 
@@ -308,7 +311,7 @@ def test_poisoned_attention_blas_tiles():
     S = rng.standard_normal((2, 3, 7))  # query rows 4..6 of T=7, all 7 keys
     lse = nan_like(S, (2, 7))
     P = S.copy()
-    attention._softmax_tile(P, 4, 0.5, lse)
+    lab_attention._softmax_tile(P, 4, 0.5, lse)
     for r in range(3):
         n = 4 + r + 1
         s = 0.5 * S[:, r, :n]
@@ -318,5 +321,5 @@ def test_poisoned_attention_blas_tiles():
         np.testing.assert_allclose(lse[:, 4 + r], s.max(-1) + np.log(e.sum(-1)), rtol=1e-13)
     assert np.all(np.isnan(lse[:, :4]))  # rows outside the tile are not touched
     a, b, D = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 3)), nan_like(S, (2, 5))
-    attention._rowdot(a, b, D)
+    lab_attention._rowdot(a, b, D)
     np.testing.assert_allclose(D, (a * b).sum(-1), rtol=1e-13)

@@ -1,7 +1,7 @@
 """Every CPU kernel variant equals its NumPy reference, on Hypothesis-drawn shapes and values.
 
 The matrix is visible: one test per op family, parametrised over the variants listed in each
-family's ``VARIANTS`` (GPU variants are checked by tests/test_kernels_gpu.py under the CUDA
+family's ``VARIANTS``, the lab's included (kernels/lab/; GPU variants are checked by tests/test_kernels_gpu.py under the CUDA
 simulator). Domain (part of the spec): activations in [-3, 3] (GELU inputs in [-10, 10]),
 logits scaled up to 30, sizes from 1 (T=1, C=1, V=1 included) to a few dozen, odd sizes
 included. float32 is compared with float32 tolerance, float64 with a tight one.
@@ -12,6 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import adamw, attention, cross_entropy, embedding, gelu, gradnorm, layernorm, matmul
+from kernels.lab import attention as lab_attention
+from kernels.lab import matmul as lab_matmul
 
 DTYPES = [np.float32, np.float64]
 
@@ -86,18 +88,18 @@ def test_cross_entropy(name, tdt, dt, N, V, scale, seed):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("name", variants(attention, "attention_fwd"))
+@pytest.mark.parametrize("name", variants(lab_attention, "attention_fwd"))
 @given(B=st.integers(1, 2), NH=st.integers(1, 3), T=st.integers(1, 40), hs=st.integers(1, 17),
        seed=seeds)
 def test_attention(name, dt, B, NH, T, hs, seed):
     rng = np.random.default_rng(seed)
     q, k, v, d = (rand(rng, (B, NH, T, hs), dt, 2) for _ in range(4))
     want = attention.attention_fwd_ref(q, k, v)
-    got = attention.VARIANTS["attention_fwd"][name](q, k, v)
+    got = lab_attention.VARIANTS["attention_fwd"][name](q, k, v)
     for g, r in zip(got, want):
         assert_close(g, r, dt)
     want_b = attention.attention_bwd_ref(d, q, k, v, *want)
-    got_b = attention.VARIANTS["attention_bwd"][name](d, q, k, v, *want)
+    got_b = lab_attention.VARIANTS["attention_bwd"][name](d, q, k, v, *want)
     for g, r in zip(got_b, want_b):
         assert_close(g, r, dt)
 
@@ -109,10 +111,10 @@ def test_attention_flash_tiles(dt, T, br, bc, seed):
     rng = np.random.default_rng(seed)
     q, k, v, d = (rand(rng, (1, 2, T, 5), dt, 3) for _ in range(4))
     want = attention.attention_fwd_ref(q, k, v)
-    for g, r in zip(attention.attention_fwd_cpu_flash(q, k, v, br=br, bc=bc), want):
+    for g, r in zip(lab_attention.attention_fwd_cpu_flash(q, k, v, br=br, bc=bc), want):
         assert_close(g, r, dt)
     want_b = attention.attention_bwd_ref(d, q, k, v, *want)
-    for g, r in zip(attention.attention_bwd_cpu_flash(d, q, k, v, *want, bc=bc), want_b):
+    for g, r in zip(lab_attention.attention_bwd_cpu_flash(d, q, k, v, *want, bc=bc), want_b):
         assert_close(g, r, dt)
 
 
@@ -159,16 +161,16 @@ def test_sumsq(name, dt, n, scale, seed):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("name", variants(matmul, "matmul"))
+@pytest.mark.parametrize("name", variants(lab_matmul, "matmul"))
 @given(M=st.integers(1, 70), K=st.integers(1, 70), N=st.integers(1, 70), seed=seeds)
 def test_matmul(name, dt, M, K, N, seed):
     rng = np.random.default_rng(seed)
     a, b = rand(rng, (M, K), dt), rand(rng, (K, N), dt)
-    assert_close(matmul.VARIANTS["matmul"][name](a, b), matmul.matmul_ref(a, b), dt, scale=K ** 0.5)
+    assert_close(lab_matmul.VARIANTS["matmul"][name](a, b), matmul.matmul_ref(a, b), dt, scale=K ** 0.5)
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("name", variants(attention, "attention_fwd"))
+@pytest.mark.parametrize("name", variants(lab_attention, "attention_fwd"))
 @given(B=st.integers(1, 2), NH=st.integers(1, 3), T=st.integers(1, 20), hs=st.integers(1, 9),
        seed=seeds)
 def test_attention_strided_views(name, dt, B, NH, T, hs, seed):
@@ -179,11 +181,11 @@ def test_attention_strided_views(name, dt, B, NH, T, hs, seed):
     q, k, v = heads[0], heads[1], heads[2]
     d = rand(rng, (B, T, NH, hs), dt).transpose(0, 2, 1, 3)
     want = attention.attention_fwd_ref(q, k, v)
-    got = attention.VARIANTS["attention_fwd"][name](q, k, v)
+    got = lab_attention.VARIANTS["attention_fwd"][name](q, k, v)
     for g, r in zip(got, want):
         assert_close(g, r, dt)
     want_b = attention.attention_bwd_ref(d, q, k, v, *want)
-    for g, r in zip(attention.VARIANTS["attention_bwd"][name](d, q, k, v, *got), want_b):
+    for g, r in zip(lab_attention.VARIANTS["attention_bwd"][name](d, q, k, v, *got), want_b):
         assert_close(g, r, dt)
 
 

@@ -175,8 +175,9 @@ def _context():
     Forking the caller's process copies whatever threads it holds (OpenBLAS, a Numba threading
     layer left by training code, tqdm's monitor) in an unknown state; the fork server is a
     clean single-threaded process that imports this module once (preload) and forks workers
-    from there. Measured on the 5.3 MB of shared/data, 2 workers, one run each while other
-    jobs kept the load at 6-7 on 2 cores (so +-50%): spawn 6.1 s, forkserver without preload
+    from there. Measured on the 5.3 MB benchmark corpus (tinyshakespeare + KJV: docs/
+    performance.md, "Benchmark corpora"), 2 workers, one run each while other jobs kept the
+    load at 6-7 on 2 cores (so +-50%): spawn 6.1 s, forkserver without preload
     4.1 s, with preload 2.9 and 4.5 s, fork 3.3 s. The preload list is process-wide: other
     forkserver users in the same process also get this module imported.
     """

@@ -1,10 +1,11 @@
 """Numba pre-tokenizer for the GPT-2 split pattern, over UTF-8 bytes, and a pre-token counter.
 
 ``regex.findall(GPT2_PATTERN, text)`` alone runs at 8.5-9 MB/s on this machine kind
-(PERF-NOTES.md), slower than tiktoken's whole encode, so the default pattern gets a hand-written
-matcher. It reads UTF-8 bytes (no str objects per pre-token), decodes one code point at a time
-and classifies it with a 1.1 M-entry table built *from the `regex` package itself* at first use
-(22 ms), so \\p{L}, \\p{N} and \\s mean exactly what they mean to the installed `regex`.
+(docs/performance.md, "Tokenizer reference points"), slower than tiktoken's whole encode, so
+the default pattern gets a hand-written matcher. It reads UTF-8 bytes (no str objects per
+pre-token), decodes one code point at a time and classifies it with a 1.1 M-entry table built
+*from the `regex` package itself* at first use (22 ms), so \\p{L}, \\p{N} and \\s mean exactly
+what they mean to the installed `regex`.
 
 The pattern, and how ``next_token`` follows it (alternatives are tried in order):
 ``'s|'t|'re|'ve|'m|'ll|'d`` (case-sensitive), `` ?\\p{L}+``, `` ?\\p{N}+``,
