@@ -293,3 +293,20 @@ def test_cli_trains_a_llama_and_samples_it(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("the"), r.stderr
     m, _ = tinylm.load(tmp_path / "run" / "checkpoint")
     assert isinstance(m, Llama) and m.config.n_kv_head == 1
+
+
+def test_leaf_gradients_never_alias_each_other_or_the_callers_array():
+    """The engine hands a fresh gradient to a leaf without copying it; arrays shared between
+    inputs (Add gives both the same dout) or given by the caller are still copied."""
+    a, b = (tinylm.tensor(np.ones(4), requires_grad=True) for _ in range(2))
+    (a + b).backward(np.full(4, 2.0))
+    assert a.grad is not b.grad and not np.shares_memory(a.grad, b.grad)
+    a.grad += 1
+    np.testing.assert_array_equal(b.grad, np.full(4, 2.0))
+    g = np.full(4, 3.0)
+    c = tinylm.tensor(np.ones(4), requires_grad=True)
+    c.backward(g)
+    assert not np.shares_memory(c.grad, g)
+    x = tinylm.tensor(np.arange(4.0), requires_grad=True)
+    (x * x + x).sum().backward()
+    np.testing.assert_array_equal(x.grad, 2 * np.arange(4.0) + 1)

@@ -245,6 +245,7 @@ class Tensor:
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (built under no_grad, or from constants)")
         xp = xp_of(self.data)
+        grad_given = grad
         if grad is None:
             if self.size != 1:
                 raise RuntimeError(f"backward() without a gradient needs a single-element tensor, got shape {self.shape}")
@@ -255,6 +256,10 @@ class Tensor:
                 raise ValueError(f"backward(grad): grad has shape {grad.shape}, tensor has shape {self.shape}")
 
         grads = {id(root): grad}
+        # how many graph edges each gradient array was handed to: a leaf may keep an array as
+        # its .grad without a copy only if it owns its memory and no other node holds it (Add's
+        # backward returns one dout for both inputs; a user's grad= array is theirs)
+        handed = {id(grad): 1 if grad_given is None else 2}
         for node in reversed(_topological_order(root)):
             g = grads.pop(id(node), None)
             if g is None:
@@ -266,7 +271,10 @@ class Tensor:
                 if leaf is None:
                     continue  # user code dropped this leaf: nobody can read its gradient
                 if leaf.grad is None:
-                    leaf.grad = g.copy()
+                    # a fresh array nobody else holds becomes .grad as it is (no copy of a
+                    # possibly large gradient); anything shared or a view is copied
+                    alone = handed.get(id(g), 2) == 1 and getattr(g, "base", 0) is None
+                    leaf.grad = g if alone else g.copy()
                 else:
                     leaf.grad += g
                 continue
@@ -283,7 +291,12 @@ class Tensor:
                 if pg.dtype != parent.dtype:
                     pg = pg.astype(parent.dtype)
                 key = id(parent)
-                grads[key] = pg if key not in grads else grads[key] + pg
+                if key in grads:
+                    grads[key] = grads[key] + pg
+                    handed[id(grads[key])] = 1
+                else:
+                    grads[key] = pg
+                    handed[id(pg)] = handed.get(id(pg), 0) + 1
             if not retain_graph:
                 node.ctx = None
                 node.freed = True
