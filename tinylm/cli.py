@@ -18,11 +18,15 @@ SUBCOMMANDS = (
     "tinylm.data.cli",        # tinylm prepare
     "tinylm.tokenizer.cli",   # tinylm tokenizer train/encode/decode
     "tinylm.train_cli",       # tinylm train, tinylm sample
+    "tinylm.eval.cli",        # tinylm eval
+    "tinylm.posttrain.cli",   # tinylm sft, dpo, grpo, chat, compare
+    "tinylm.serve.cli",       # tinylm serve
 )
 
 
 # subcommands that take key=value overrides -> their options that take exactly one value
-_OVERRIDABLE = {"train": {"--config", "--out", "--max-steps", "--time-budget"}}
+_OVERRIDABLE = {"train": {"--config", "--out", "--max-steps", "--time-budget"},
+                **{k: {"--init", "--config", "--out", "--max-steps"} for k in ("sft", "dpo", "grpo")}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +68,29 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted (nothing is left half-written: files are written to temporaries and renamed)",
               file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError) as e:
         # user errors (bad file, bad flag value): one clear line, no traceback
-        print(f"tinylm {args.command}: error: {e}", file=sys.stderr)
+        print(f"tinylm {args.command}: error: {_describe(e)}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def _describe(e: Exception) -> str:
+    """An error as one line. An OSError from the system names the file the user asked for, not
+    the temporary it was being written through (``tok.json.tmp1234`` -> ``tok.json``), and a
+    missing parent directory is said."""
+    if not isinstance(e, OSError) or e.filename is None or not e.strerror:
+        return str(e)
+    import errno  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import re  # noqa: PLC0415
+
+    name = re.sub(r"\.(tmp|new)-?\d+(?=$|\.)", "", os.fsdecode(e.filename))
+    msg = f"{name}: {e.strerror}"
+    parent = os.path.dirname(name)
+    if e.errno == errno.ENOENT and parent and not os.path.isdir(parent):
+        msg += f" (the directory {parent} does not exist)"
+    return msg
 
 
 if __name__ == "__main__":

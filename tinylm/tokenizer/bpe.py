@@ -116,6 +116,27 @@ class BPETokenizer:
     def merges(self) -> list[tuple[int, int]]:
         return list(self._merges)
 
+    def add_special_tokens(self, names: Iterable[str]) -> list[int]:
+        """Add special tokens after the current vocabulary (ids vocab_size, vocab_size + 1, ...)
+        and return the id of each name; a name that already is a special token keeps its id.
+        Ordinary ids and merges are unchanged, so text encodes as before (the file format is
+        unchanged too: a special token is a null vocab entry plus its ``special_tokens`` id).
+
+        >>> tok = BPETokenizer()
+        >>> tok.add_special_tokens(["<|user|>", "<|end|>"]), tok.vocab_size
+        ([256, 257], 258)
+        """
+        names = list(dict.fromkeys(names))
+        for s in names:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"special token {s!r} must be a non-empty string")
+        new = [s for s in names if s not in self.special_tokens]
+        if new:
+            n = len(self._tokens)
+            specials = dict(self.special_tokens, **{s: n + k for k, s in enumerate(new)})
+            self._set_model(self._tokens + [None] * len(new), self._merges, specials)
+        return [self.special_tokens[s] for s in names]
+
     def token_bytes(self, i: int) -> bytes:
         """Bytes of token ``i`` (a special token's UTF-8)."""
         return self._id_bytes[i]

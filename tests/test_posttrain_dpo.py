@@ -1,0 +1,108 @@
+"""Log-prob op, the DPO loss and its identities, GRPO's advantages and the equal-reward rule."""
+import math
+
+import numpy as np
+import pytest
+
+import tinylm
+from tinylm.models import GPT, GPTConfig
+from tinylm.posttrain.chat import IGNORE, ChatFormat
+from tinylm.posttrain.dpo import DPO, PairBatches, dpo_loss, reference_logprobs, render_pairs, softplus
+from tinylm.posttrain.data import Fit
+from tinylm.posttrain.grpo import GRPO, group_advantages
+from tinylm.posttrain.logprobs import sequence_logprobs, token_logprobs, token_logprobs_ref
+from tinylm.tokenizer import BPETokenizer
+from tinylm.tokenizer.bpe import EOT
+
+
+def f64(a, grad=True):
+    return tinylm.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_token_logprobs_match_the_numpy_reference(dtype):
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (2, 5, 11)).astype(dtype)
+    t = rng.integers(0, 11, (2, 5))
+    t[0, :2] = IGNORE
+    out = token_logprobs(tinylm.tensor(z), t)
+    assert out.dtype == np.float64 and out.shape == (2, 5)
+    ref = token_logprobs_ref(z, t)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-12 if dtype == np.float64 else 2e-5)
+    assert (out.numpy()[0, :2] == 0).all()
+    seq = sequence_logprobs(tinylm.tensor(z), t).numpy()
+    np.testing.assert_allclose(seq, ref.sum(1), atol=1e-4)
+    mean = sequence_logprobs(tinylm.tensor(z), t, average=True).numpy()
+    np.testing.assert_allclose(mean, ref.sum(1) / np.array([3, 5]), atol=1e-4)
+
+
+def test_token_logprobs_gradcheck_float64():
+    rng = np.random.default_rng(1)
+    t = rng.integers(0, 7, (3, 4))
+    t[1, 3] = IGNORE
+    z = f64(rng.normal(0, 2, (3, 4, 7)))
+    w = rng.normal(size=(3, 4))
+    assert tinylm.gradcheck(lambda x: (token_logprobs(x, t) * w).sum(), [z])
+
+
+def test_dpo_loss_is_ln2_when_policy_equals_reference_and_gradchecks():
+    lp = np.array([-3.0, -10.5, -0.25])
+    loss, rc, rr = dpo_loss(f64(lp), f64(lp - 1), lp, lp - 1, beta=0.1)
+    assert abs(loss.item() - math.log(2)) < 1e-12 and (rc == 0).all() and (rr == 0).all()
+    rng = np.random.default_rng(2)
+    ins = [f64(rng.normal(-5, 2, 4)) for _ in range(4)]
+    assert tinylm.gradcheck(lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.3)[0], ins)
+    big = f64([800.0, -800.0])  # a huge margin: no overflow, gradients finite
+    out = softplus(big)
+    out.sum().backward()
+    assert np.isfinite(out.numpy()).all() and np.allclose(big.grad, [1.0, 0.0])
+
+
+def chat_model(dtype="float64"):
+    tok = BPETokenizer()
+    tok.add_special_tokens([EOT])
+    chat = ChatFormat(tok)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=48, vocab_size=tok.vocab_size, dtype=dtype), seed=0)
+    return m, chat
+
+
+def test_dpo_step_zero_equals_ln2_on_a_model_in_float64():
+    m, chat = chat_model()
+    recs = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": "yes" * (i + 1), "rejected": "no"}
+            for i in range(5)]
+    pairs = render_pairs(chat, recs, Fit(49, "truncate"))
+    ref = reference_logprobs(m, pairs, pad_id=0)
+    data = PairBatches(pairs, ref, 5, seed=0, pad_id=0)
+    loss, metrics = DPO(beta=0.1).loss(m, data.next())
+    assert abs(loss.item() - math.log(2)) < 1e-6
+    assert metrics["reward_margin"] == 0.0 and metrics["reward_accuracy"] == 0.0
+    loss.backward()
+    assert any(np.abs(p.grad).sum() > 0 for p in m.parameters() if p.grad is not None)
+
+
+def test_group_advantages_and_the_equal_reward_rule():
+    a = group_advantages([1, 0, 0, 1], scale_std=False)
+    assert np.allclose(a, [0.5, -0.5, -0.5, 0.5])
+    s = group_advantages([1, 0, 0, 1], scale_std=True)
+    assert np.allclose(s, [1, -1, -1, 1], atol=1e-5)
+    assert group_advantages([1, 1, 1]) is None and group_advantages([0.0, 0.0]) is None
+
+
+def test_grpo_groups_with_equal_rewards_leave_the_loss_and_its_denominator():
+    m, chat = chat_model("float32")
+    # a reward that only prompt "b" can vary: prompt "a" always scores 1 (equal group)
+    def reward(rec, text):
+        return 1.0 if rec["id"] == "a" else float(len(text) % 2)
+    recs = [{"id": "a", "prompt": [{"role": "user", "content": "a"}]},
+            {"id": "b", "prompt": [{"role": "user", "content": "b"}]}]
+    obj = GRPO(chat, reward, group_size=4, max_new_tokens=5, seed=0)
+    loss, metrics = obj.loss(m, recs)
+    assert metrics["groups_kept"] in (0.0, 0.5)
+    only_a = GRPO(chat, reward, group_size=4, max_new_tokens=5, seed=0)
+    loss_a, met_a = only_a.loss(m, [recs[0]])
+    assert loss_a is None and met_a["groups_kept"] == 0.0  # nothing to learn: the trainer skips it
+    if loss is not None:  # the loss is b's alone: the same as running b by itself with the same samples
+        st = GRPO(chat, reward, group_size=4, max_new_tokens=5, seed=0)
+        st.rng.integers(2**62)  # consume a's seed draw
+        loss_b, _ = st.loss(m, [recs[1]])
+        assert abs(loss.item() - loss_b.item()) < 1e-6

@@ -1,0 +1,82 @@
+"""Log-probabilities of given tokens: a masked log-softmax gather with a hand-written backward.
+
+    token_logprobs(logits (B, T, V), targets (B, T))      -> (B, T) float64, 0 where ignored
+    sequence_logprobs(logits, targets, average=False)     -> (B,)   sum (or mean) over kept tokens
+
+Math (row n, logits z (V,), target t): logp_n = z_t - lse(z), lse(z) = m + log sum_j exp(z_j - m).
+Backward: d logp_n / d z_j = [j == t] - softmax(z)_j, so dz = dout_n (onehot(t) - softmax(z)),
+and 0 on ignored rows. That is the cross-entropy row's gradient with the opposite sign, so the
+op runs the fused cross-entropy kernels (kernels/cross_entropy.py: one pass per row, no
+probability matrix stored) with dloss = -dout.
+
+Precision: whatever the model's dtype, the per-row log-softmax is computed in float32 or wider
+(narrower logits are upcast first) and the result, and every sum over tokens after it, is
+float64: DPO subtracts sequence log-probs of a few hundred tokens from each other, where
+float32 sums would lose the difference.
+
+``token_logprobs_ref`` is the NumPy reference (float64 throughout) the op is tested against.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import kernels
+from tinylm.backend import xp_of
+from tinylm.tensor import Function, Tensor
+
+IGNORE = -100
+
+
+def token_logprobs_ref(logits, targets, ignore_index: int = IGNORE) -> np.ndarray:
+    """NumPy reference: (..., V), (...) -> (...) float64 log p(target), 0 where ignored."""
+    z = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(targets)
+    m = z.max(axis=-1, keepdims=True)
+    logp = z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
+    keep = t != ignore_index
+    picked = np.take_along_axis(logp, np.where(keep, t, 0)[..., None], axis=-1)[..., 0]
+    return np.where(keep, picked, 0.0)
+
+
+class TokenLogProbs(Function):
+    def forward(self, logits, targets, ignore_index):  # (N, V), (N,) -> (N,) float64
+        xp = xp_of(logits)
+        self.in_dtype = logits.dtype
+        wide = np.promote_types(logits.dtype, np.float32)  # float16/bfloat16 -> float32
+        z = xp.ascontiguousarray(logits, dtype=wide)
+        loss_rows, self.lse = kernels.get("cross_entropy_fwd", z)(z, targets, ignore_index)
+        self.z, self.targets, self.ignore_index = z, targets, ignore_index
+        return -loss_rows.astype(np.float64)  # loss_n = lse - z_t = -logp_n (0 if ignored)
+
+    def backward(self, dout):  # (N,) float64
+        # logp_n = -loss_n  ->  d/dz = -dout * dloss_n/dz: the cross-entropy backward with -dout
+        dloss = (-dout).astype(self.z.dtype)
+        dz = kernels.get("cross_entropy_bwd", self.z)(self.z, self.targets, self.lse, dloss, self.ignore_index)
+        return (dz if dz.dtype == self.in_dtype else dz.astype(self.in_dtype),)
+
+
+def token_logprobs(logits: Tensor, targets, ignore_index: int = IGNORE) -> Tensor:
+    """log p(targets) under logits, per position: (..., V), (...) -> (...) float64 Tensor."""
+    t = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"token_logprobs: targets must be integers, got {t.dtype}")
+    if logits.shape[:-1] != t.shape:
+        raise ValueError(f"token_logprobs: logits {logits.shape} need targets of shape {logits.shape[:-1]}, got {t.shape}")
+    V = logits.shape[-1]
+    flat = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= V))
+    if bad.any():
+        raise ValueError(f"token_logprobs: target {int(flat[np.argmax(bad)])} is outside [0, {V})")
+    lg = logits if logits.ndim == 2 else logits.reshape(-1, V)
+    out = TokenLogProbs.apply(lg, targets=flat, ignore_index=int(ignore_index))
+    return out.reshape(t.shape) if t.ndim != 1 else out
+
+
+def sequence_logprobs(logits: Tensor, targets, ignore_index: int = IGNORE, average: bool = False) -> Tensor:
+    """Sum (``average``: mean) of log p over each row's kept targets: (B, T, V), (B, T) -> (B,)."""
+    t = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    lp = token_logprobs(logits, t, ignore_index).sum(axis=-1)
+    if average:
+        n = np.maximum((t != ignore_index).sum(axis=-1), 1).astype(np.float64)
+        lp = lp * (1.0 / n)
+    return lp

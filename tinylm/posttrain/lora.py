@@ -1,0 +1,258 @@
+"""LoRA: low-rank adapters on a frozen model (Hu et al. 2021, "LoRA: Low-Rank Adaptation").
+
+A Linear-like layer y = x W + b gets y = x W + b + (x A) B * (alpha / r), with A (C_in, r)
+drawn at random (std 1/sqrt(C_in)), B (r, C_out) zero, so a fresh adapter changes nothing.
+Only A and B train: every base parameter is frozen (``requires_grad = False``), so the
+ParamStore and AdamW hold only the adapters, and the engine skips each frozen weight's
+gradient product (``Function.needs_grad``): the backward of a frozen Linear is one GEMM (dx),
+not two.
+
+``apply_lora(model, rank, alpha, targets)`` swaps each target layer for a ``LoRALinear`` that
+keeps the layer's own ``weight`` and ``bias`` attributes (so parameter names, and a checkpoint
+of the base, are unchanged) and returns a ``LoRAModel``: the model with its state dict cut to
+the adapters (``lora_A``/``lora_B``, plus rows that ``grow_vocab`` added to the base: the base
+checkpoint does not have them). The Trainer saves that as an adapter-only checkpoint; its
+state.json's ``"lora"`` names the base checkpoint (``tinylm.posttrain.stage.load_policy`` puts
+them back together).
+
+A layer is Linear-like if it is a ``tinylm.nn.Linear`` (weight (C_in, C_out), ``F.linear``) or
+has a 2-D ``weight`` and a ``layout`` attribute: "in_out" (F.linear) or "out_in" (PyTorch's
+layout, ``F.linear_t``: a Llama projection). ``targets``: "all" (every Linear-like layer) or
+names matched against the end of each layer's dotted path ("c_attn", "attn.c_proj", "q_proj").
+
+``merge`` folds the adapters into the weights (W += s A B, or its transpose), after which the
+forward is the base forward, as fast; ``unmerge`` subtracts them again; ``disabled(model)``
+runs the base model with the adapters switched off (DPO's and GRPO's reference model: no copy
+of the weights).
+
+Leaves out: dropout on the adapter input, DoRA, rsLoRA scaling, adapters on embeddings.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+
+from tinylm import functional as F
+from tinylm.nn import Linear, Module, Parameter
+
+ADDED_ROWS = "added_rows."  # state-dict prefix of vocabulary rows the base checkpoint lacks
+
+
+def freeze(p) -> None:
+    """Stop training a parameter. Its cached graph node remembers requires_grad, so it goes too."""
+    p.requires_grad = False
+    p._node = None
+    p.grad = None
+
+
+def layout_of(mod) -> str | None:
+    """"in_out", "out_in", or None when ``mod`` is not Linear-like."""
+    if isinstance(mod, LoRALinear):
+        return None
+    lay = getattr(mod, "layout", None)
+    w = getattr(mod, "weight", None)
+    if lay is not None and getattr(w, "ndim", 0) == 2:
+        if lay not in ("in_out", "out_in"):
+            raise ValueError(f"{type(mod).__name__}.layout is {lay!r}; LoRA knows 'in_out' and 'out_in'")
+        return lay
+    if isinstance(mod, Linear):
+        return "in_out"
+    return None
+
+
+class LoRALinear(Module):
+    """A frozen Linear-like layer plus a trainable low-rank update."""
+
+    def __init__(self, base, rank: int, alpha: float, rng, layout: str):
+        self.weight = base.weight
+        self.bias = getattr(base, "bias", None)
+        self.layout = layout
+        self._orig = {"layer": base}  # a dict: not walked as a child, so names stay the base's
+        w = self.weight
+        n_in, n_out = w.shape if layout == "in_out" else w.shape[::-1]
+        self.lora_A = Parameter(rng.normal(0.0, 1.0 / math.sqrt(n_in), (n_in, rank)), dtype=w.dtype)
+        self.lora_B = Parameter(np.zeros((rank, n_out)), dtype=w.dtype)
+        self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
+        self.enabled, self.merged = True, False
+
+    def forward(self, x):  # (..., C_in) -> (..., C_out)
+        lin = F.linear if self.layout == "in_out" else F.linear_t
+        y = lin(x, self.weight, self.bias)
+        if self.enabled and not self.merged:
+            # scale the (..., r) product, not the (..., C_out) one: r << C_out
+            y = y + F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
+        return y
+
+    def delta(self) -> np.ndarray:
+        """s A B in the weight's layout."""
+        d = self.scale * (self.lora_A.data @ self.lora_B.data)  # (C_in, C_out)
+        return d if self.layout == "in_out" else d.T
+
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.data += self.delta().astype(self.weight.dtype)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.data -= self.delta().astype(self.weight.dtype)
+            self.merged = False
+
+
+def _walk(mod, prefix=""):
+    """(parent, attribute name, list index or None, dotted path, child module) for every
+    submodule held by an attribute or a list."""
+    for name, value in list(vars(mod).items()):
+        if isinstance(value, Module):
+            yield mod, name, None, f"{prefix}{name}", value
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, Module):
+                    yield mod, name, i, f"{prefix}{name}.{i}", v
+
+
+def _lora_layers(model) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def parse_targets(targets) -> list[str]:
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",")]
+    out = [t for t in targets if t]
+    if not out:
+        raise ValueError("lora_targets is empty: give 'all' or layer names such as c_attn,c_fc")
+    return out
+
+
+class LoRAModel(Module):
+    """A model with adapters: forward, generation and config are the model's; the parameters it
+    lists are all of them (frozen ones too); ``state_dict`` is the adapters only."""
+
+    def __init__(self, model, rank: int, alpha: float, targets, seed: int = 0, added_rows: dict | None = None):
+        if rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {rank}")
+        self.model = model
+        self.lora_config = {"rank": int(rank), "alpha": float(alpha), "targets": parse_targets(targets)}
+        self.added_rows = dict(added_rows or {})  # param name -> first added row
+        for p in model.parameters():
+            freeze(p)
+        rng = np.random.default_rng(seed)
+        tg = self.lora_config["targets"]
+        wrapped = []
+        todo = [("", model)]
+        while todo:
+            prefix, mod = todo.pop(0)
+            for parent, attr, idx, path, child in _walk(mod, prefix):
+                lay = layout_of(child)
+                hit = lay is not None and ("all" in tg or any(path == t or path.endswith("." + t) for t in tg))
+                if hit:
+                    new = LoRALinear(child, rank, alpha, rng, lay)
+                    if idx is None:
+                        setattr(parent, attr, new)
+                    else:
+                        getattr(parent, attr)[idx] = new
+                    wrapped.append(path)
+                elif lay is None:
+                    todo.append((path + ".", child))
+        if not wrapped:
+            raise ValueError(f"lora_targets {','.join(tg)}: no Linear-like layer matched in {type(model).__name__}")
+        self.wrapped = wrapped
+
+    def __getattr__(self, name):  # only called for names not found normally: the model's
+        model = self.__dict__.get("model")
+        if model is None:
+            raise AttributeError(name)
+        return getattr(model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def named_parameters(self, prefix: str = ""):
+        return self.model.named_parameters(prefix)
+
+    def adapters(self) -> list[tuple[str, Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return [{"params": [p for _, p in self.adapters()], "weight_decay": weight_decay}]
+
+    def state_dict(self) -> dict:
+        out = {n: p.numpy().copy() for n, p in self.adapters()}
+        params = dict(self.model.named_parameters())
+        for name, start in self.added_rows.items():
+            out[ADDED_ROWS + name] = params[name].numpy()[start:].copy()
+        return out
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        params = dict(self.model.named_parameters())
+        mine = {n for n, _ in self.adapters()} | {ADDED_ROWS + n for n in self.added_rows}
+        missing, unexpected = sorted(mine - set(state)), sorted(set(state) - mine)
+        if strict and (missing or unexpected):
+            raise KeyError(f"adapter state: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        for key, a in state.items():
+            if key.startswith(ADDED_ROWS):
+                name = key[len(ADDED_ROWS):]
+                p, start = params[name], self.added_rows[name]
+                if a.shape != p.data[start:].shape:
+                    raise ValueError(f"adapter state: {key} has shape {a.shape}, the model {p.data[start:].shape}")
+                p.data[start:] = a
+            elif key in params:
+                p = params[key]
+                if a.shape != p.shape:
+                    raise ValueError(f"adapter state: {key} has shape {a.shape}, the model {p.shape}")
+                p.data[...] = a
+
+    def merge(self) -> None:
+        for m in _lora_layers(self.model):
+            m.merge()
+
+    def merged_model(self):
+        """The base model with the adapters merged into its weights and the original layers put
+        back (plain parameter names, all trainable): a full model. The adapters are gone."""
+        self.merge()
+        todo = [self.model]
+        while todo:
+            mod = todo.pop()
+            for parent, attr, idx, _, child in _walk(mod):
+                if isinstance(child, LoRALinear):
+                    orig = child._orig["layer"]
+                    if idx is None:
+                        setattr(parent, attr, orig)
+                    else:
+                        getattr(parent, attr)[idx] = orig
+                else:
+                    todo.append(child)
+        for p in self.model.parameters():
+            p.requires_grad = True
+            p._node = None
+        return self.model
+
+    def unmerge(self) -> None:
+        for m in _lora_layers(self.model):
+            m.unmerge()
+
+
+def apply_lora(model, rank: int, alpha: float = 16.0, targets="all", seed: int = 0,
+               added_rows: dict | None = None) -> LoRAModel:
+    return LoRAModel(model, rank, alpha, targets, seed, added_rows)
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """The base model: every adapter switched off inside the block (refused while merged)."""
+    layers = _lora_layers(model.model if isinstance(model, LoRAModel) else model)
+    if any(m.merged for m in layers):
+        raise RuntimeError("disabled(): the adapters are merged into the weights; unmerge first")
+    prev = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(layers, prev):
+            m.enabled = e
