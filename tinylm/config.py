@@ -26,7 +26,7 @@ def _coerce(name: str, value: Any, field_type: str, where: str, from_text: bool)
     t = field_type.replace(" ", "")
     optional = t.endswith("|None") or t.startswith("None|")
     base = t.replace("|None", "").replace("None|", "")
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
+    if value is None or (from_text and isinstance(value, str) and value.lower() == "none"):
         if optional:
             return None
         raise ValueError(f"{where}: {name} cannot be None")
@@ -51,8 +51,8 @@ def _coerce(name: str, value: Any, field_type: str, where: str, from_text: bool)
         "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
         "str": lambda v: isinstance(v, str),
     }.get(base, lambda v: isinstance(v, (list, tuple)) if base.startswith(("list", "tuple")) else True)
-    if not ok(value):
-        raise ValueError(f"{where}: {name} must be {base}, got {type(value).__name__} {value!r}")
+    if not ok(value) or (base == "list[str]" and not all(isinstance(x, str) for x in value)):
+        raise ValueError(f"{where}: {name} must be {base}, got {type(value).__name__} {value!r}"[:300])
     return float(value) if base == "float" else value
 
 

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
                         "min_lr at the new last step")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (its checkpoints and log)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel on N processes: re-runs this command under mpiexec -n N (the mpi extra); "
+                        "batch_size is per process")
     p.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint", description="Generate text from a checkpoint, streamed.")
@@ -48,6 +51,11 @@ def add_parser(sub) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from tinylm.config import apply_dict, apply_overrides, load_toml  # noqa: PLC0415
+
+    if args.nproc is not None:  # [distributed #14] started as N ranks under mpiexec; they run without --nproc
+        from tinylm.distributed.launch import relaunch_cli  # noqa: PLC0415
+
+        return relaunch_cli(args.nproc)
     from tinylm.train import TrainConfig, train  # noqa: PLC0415
 
     sources: dict = {}

@@ -8,6 +8,10 @@ The moments are the store's buffers "m" and "v" (same layout as the parameters);
 ``kernels/adamw.py``, one call per group. Gradient norm and clipping are the store's (they
 belong to the gradients, not to Adam), and are kept here as methods for convenience.
 
+Mixed precision (tinylm/amp/policy.py): the update goes to the store's ``update_targets()``,
+the fp32 masters when it has them, and ``store.after_update`` then refreshes the 16-bit working
+copy (or rounds bf16 weights stochastically); with fp32 weights both are the plain ``p``.
+
 Leaves out: amsgrad, per-group betas, sparse gradients.
 """
 from __future__ import annotations
@@ -44,19 +48,26 @@ class AdamW:
         self.step_count += 1
         lr = self.lr if lr is None else float(lr)
         b1, b2 = self.betas
-        for g, m, v in zip(self.store.groups, self.m, self.v):
-            kernels.get("adamw_update", g.p)(g.p, g.g, m, v, lr, b1, b2, self.eps, g.weight_decay, self.step_count)
+        st = self.store
+        targets = st.update_targets() if hasattr(st, "update_targets") else [g.p for g in st.groups]  # p, or fp32 masters
+        for g, p, m, v in zip(self.store.groups, targets, self.m, self.v):
+            kernels.get("adamw_update", p)(p, g.g, m, v, lr, b1, b2, self.eps, g.weight_decay, self.step_count)
+        if hasattr(st, "after_update"):
+            st.after_update(self.step_count)
 
     # ---- state for checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {"step": np.array([self.step_count], dtype=np.int64)}
         out.update(self.store.state_arrays("m"))
         out.update(self.store.state_arrays("v"))
+        if getattr(self.store, "master", False):  # a 16-bit run: the fp32 masters, so a resume is exact
+            out.update(self.store.state_arrays("master"))
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        keys = ("m", "v", "master") if getattr(self.store, "master", False) else ("m", "v")
         for i, g in enumerate(self.store.groups):
-            for key in ("m", "v"):
+            for key in keys:
                 name = f"group{i}.{key}"
                 if name not in state:
                     raise KeyError(f"optimizer state lacks {name!r}")
@@ -68,3 +79,5 @@ class AdamW:
         if "step" not in state:
             raise KeyError("optimizer state lacks 'step'")
         self.step_count = int(np.asarray(state["step"]).reshape(-1)[0])
+        if hasattr(self.store, "refresh"):
+            self.store.refresh()  # the working copy from the restored masters

@@ -16,10 +16,17 @@ length from ``buffer(name)``, laid out with the same offsets.
 Writing the ranges once, here, is what lets every later user (mixed precision, sharding) agree
 on which element is which.
 
+Mixed precision (``set_format("bf16" | "fp16", master=True)``, tinylm/amp/policy.py): the fp32
+master weights are the named buffer "master"; ``p`` then holds the working copy, the masters
+rounded to the format (kept as float32 values, since the engine computes in float32), and
+``refresh()`` re-rounds it after each update. Without a master (bf16 only), ``p`` is the only
+copy and the optimizer's fp32 result is rounded back to bf16 stochastically (``after_update``).
+
 Leaves out: parameters on different devices in one group; groups of mixed dtypes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -81,6 +88,7 @@ class ParamStore:
             pnames = [names.get(id(p), f"g{gi}.p{i}") if names else f"g{gi}.p{i}" for i, p in enumerate(ps)]
             self.groups.append(Group(ps, pnames, offsets, flat_p, flat_g, gviews,
                                      float(spec.get("weight_decay", weight_decay))))
+        self.format, self.master, self.sr_seed = "fp32", False, 0  # set_format changes them
 
     @classmethod
     def for_model(cls, model, weight_decay: float = 0.0, trainable_only: bool = True) -> "ParamStore":
@@ -114,6 +122,93 @@ class ParamStore:
                 g.buffers[name] = xp.zeros(g.size, dtype=g.p.dtype if dtype is None else dtype)
             out.append(g.buffers[name])
         return out
+
+    # ---- mixed precision (tinylm/amp/policy.py) ----------------------------------------------
+    # (kernels._formats imports Numba: imported in the methods that need it, so importing the
+    # store stays light)
+    def set_format(self, fmt: str, master: bool = True, seed: int = 0) -> None:
+        """Hold the weights in ``fmt``: with ``master``, fp32 masters in buffer "master" and the
+        working copy in ``p``; without (bf16 only), ``p`` rounded to bf16, updated with
+        stochastic rounding from a stream seeded by ``seed`` and the step."""
+        if fmt not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown format {fmt!r}: expected fp32, bf16 or fp16")
+        if fmt != "fp32" and any(g.p.dtype != np.float32 for g in self.groups):
+            raise TypeError("mixed precision needs float32 parameters")
+        if not master and fmt != "bf16":
+            raise ValueError("weights without a master copy are for bf16 only (stochastic rounding)")
+        self.format, self.master, self.sr_seed = fmt, bool(master and fmt != "fp32"), int(seed)
+        if self.master:
+            for g, mb in zip(self.groups, self.buffer("master", np.float32)):
+                mb[...] = g.p
+        self.refresh()
+
+    def refresh(self) -> None:
+        """The working copy ``p`` from the masters (round to nearest even); without masters,
+        ``p`` rounded to the format in place (a no-op on values already in it)."""
+        if self.format == "fp32":
+            return
+        from kernels._formats import round_to_format  # noqa: PLC0415
+
+        for g in self.groups:
+            round_to_format(g.buffers["master"] if self.master else g.p, self.format, out=g.p)
+
+    def update_targets(self) -> list:
+        """The fp32 arrays an optimizer updates, per group: the masters, or ``p``."""
+        return [g.buffers["master"] if self.master else g.p for g in self.groups]
+
+    def after_update(self, step: int) -> None:
+        """After an optimizer step: refresh the working copy, or (no master) round the fp32
+        result back to bf16 stochastically, one seed per (run seed, step, group)."""
+        if self.format == "fp32":
+            return
+        if self.master:
+            self.refresh()
+            return
+        from kernels._formats import round_to_format  # noqa: PLC0415
+
+        for i, g in enumerate(self.groups):
+            seed = (self.sr_seed * 1_000_003 + step * 7919 + i) & 0xFFFFFFFF
+            round_to_format(g.p, "bf16", out=g.p, seed=seed)
+
+    def round_grads(self) -> None:
+        """Round the gradients to the format, as 16-bit gradient storage would (fp16: beyond
+        65504 -> inf, below 6e-8 -> 0)."""
+        if self.format == "fp32":
+            return
+        from kernels._formats import round_to_format  # noqa: PLC0415
+
+        self.sync_grads()
+        for g in self.groups:
+            round_to_format(g.g, self.format, out=g.g)
+
+    def unscale_clip(self, inv_scale: float, max_norm: float) -> tuple[float, bool]:
+        """Gradients times ``inv_scale`` (undoing the loss scale), then clipped to ``max_norm``,
+        in one pass; the norm (after unscaling, before clipping) and whether every gradient
+        was finite. Non-finite: the gradients are left as they are (the step is skipped)."""
+        norm = self.grad_norm() * inv_scale
+        if not math.isfinite(norm):
+            return norm, False
+        factor = inv_scale
+        if max_norm > 0 and norm > max_norm:
+            factor *= max_norm / (norm + 1e-6)
+        if factor != 1.0:
+            for g in self.groups:
+                g.g *= g.g.dtype.type(factor)
+        return norm, True
+
+    @contextlib.contextmanager
+    def masters_in_params(self):
+        """Inside: ``p`` holds the fp32 masters (for writing a checkpoint); after: the working
+        copy again (the same bits: refresh is deterministic)."""
+        if not self.master:
+            yield
+            return
+        for g in self.groups:
+            g.p[...] = g.buffers["master"]
+        try:
+            yield
+        finally:
+            self.refresh()
 
     # ---- gradients ------------------------------------------------------------------------
     def zero_grad(self) -> None:

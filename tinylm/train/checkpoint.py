@@ -34,6 +34,9 @@ FORMAT_VERSION = 1
 FILES = ("model.safetensors", "optimizer.safetensors", "tokenizer.json")
 _STEP_DIR = re.compile(r"^step-(\d+)(\.\d+)?$")
 _TMP = re.compile(r"\.(tmp|new)-(\d+)$")
+# what else a run writes beside its checkpoints through a temporary: the loss plot
+# (train/plots.py) and the log cut back on resume (train/loop.py cut_log)
+_RUN_TMP = re.compile(r"^(loss\.tmp-(\d+)\.png|log\.jsonl\.tmp-(\d+))$")
 
 
 class CheckpointError(ValueError):
@@ -131,15 +134,20 @@ def _prune(root: Path, keep: int, current: Path) -> None:
 
 def clean_stale(out_dir: str | os.PathLike, link_name: str = "checkpoint") -> list[str]:
     """Remove what interrupted saves left in ``out_dir``: temporary checkpoint directories and
-    links of processes that are no longer running. Returns a line per removed path."""
+    links, loss plots and log rewrites of processes that are no longer running. Returns a line
+    per removed path."""
     out = Path(out_dir)
     removed = []
     root = out / (link_name + "s")
-    candidates = list(root.iterdir()) if root.is_dir() else []
-    candidates += [p for p in out.iterdir() if p.name.startswith(link_name + ".")] if out.is_dir() else []
-    for p in candidates:
-        m = _TMP.search(p.name)
-        if not m or _pid_alive(int(m.group(2))):
+    candidates = [(p, _TMP.search(p.name)) for p in (root.iterdir() if root.is_dir() else ())]
+    for p in (out.iterdir() if out.is_dir() else ()):
+        if p.name.startswith(link_name + "."):
+            candidates.append((p, _TMP.search(p.name)))
+        elif _RUN_TMP.match(p.name):
+            candidates.append((p, _RUN_TMP.match(p.name)))
+    for p, m in candidates:
+        pid = m and next((g for g in m.groups()[1:] if g and g.isdigit()), None)
+        if pid is None or _pid_alive(int(pid)):
             continue
         size = _du(p)
         if p.is_symlink() or p.is_file():
@@ -199,6 +207,12 @@ def read_state(ckpt_dir: str | os.PathLike, for_training: bool = False) -> dict:
     mt = state.get("model_type", "gpt")
     if not isinstance(mt, str):
         raise CheckpointError(f"{sp}: 'model_type' must be a string, got {mt!r}")
+    if for_training:
+        for i, h in enumerate(state["history"]):  # the loss curve: {"step": int, "train"/"val"/metric: number}
+            ok = isinstance(h, dict) and isinstance(h.get("step"), int) and not isinstance(h["step"], bool) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in h.items() if k != "step")
+            if not ok:
+                raise CheckpointError(f"{sp}: history[{i}] must be {{'step': int, name: number, ...}}, got {h!r}"[:300])
     return state
 
 
@@ -244,18 +258,24 @@ def load_weights(model, arrays: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: {msg}") from None
 
 
-def load_model(ckpt_dir: str | os.PathLike):
-    """(model, tokenizer) from a checkpoint, for sampling and evaluation."""
+def load_tokenizer(ckpt_dir: str | os.PathLike):
+    """The checkpoint's tokenizer; anything wrong with it is a CheckpointError naming the file."""
     from tinylm.tokenizer import BPETokenizer  # noqa: PLC0415
 
+    path = Path(ckpt_dir) / "tokenizer.json"
+    try:
+        return BPETokenizer.load(path)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{path}: {e}" if "tokenizer.json" not in str(e) else str(e)) from None
+
+
+def load_model(ckpt_dir: str | os.PathLike):
+    """(model, tokenizer) from a checkpoint, for sampling and evaluation."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     state["model"] = _load_arrays(ckpt_dir / "model.safetensors")
     model = build_from_state(state, ckpt_dir)
-    try:
-        tok = BPETokenizer.load(ckpt_dir / "tokenizer.json")
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{ckpt_dir / 'tokenizer.json'}: {e}" if "tokenizer.json" not in str(e) else str(e)) from None
+    tok = load_tokenizer(ckpt_dir)
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{ckpt_dir / 'tokenizer.json'}: {tok.vocab_size} tokens, more than the model's "
                               f"vocab_size={model.config.vocab_size}")

@@ -47,6 +47,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0             # max global gradient norm (0: no clipping)
+    # mixed precision [amp #13] (tinylm/amp/policy.py: what is stored in which format)
+    dtype: str = "fp32"                # fp32, bf16 or fp16: weights and weight gradients; fp32 masters and moments
+    master_weights: bool = True        # bf16 only: false keeps no fp32 master (stochastic rounding instead)
+    loss_scale_init: float = 65536.0   # fp16: the first loss scale (2^16, as PyTorch's GradScaler)
+    loss_scale_window: int = 2000      # fp16: clean steps after which the loss scale doubles
+    loss_scale_min: float = 1.0        # fp16: training stops when the loss scale would fall below this
     # bookkeeping
     eval_interval: int = 250           # validate and checkpoint every N steps
     eval_batches: int = 8              # fixed validation batches
@@ -58,6 +64,10 @@ class TrainConfig:
     sample_tokens: int = 200           # tokens to sample at the end (0: none)
     sample_prompt: str = "def "
     progress: bool = True
+    # distributed (tinylm/distributed; run under `mpiexec -n N` or with `tinylm train --nproc N`)
+    zero: int = 0                      # ZeRO stage: 0 replicate, 1 shard optimizer state, 2 + gradients, 3 + parameters
+    bucket_mb: float = 4.0             # gradient bucket size: each bucket's reduction starts as backward completes it
+    comm_timeout: float = 600.0        # seconds a collective may wait for the other ranks before aborting them all
 
     def model_config(self, vocab_size: int):
         """The model's config (GPTConfig or LlamaConfig) for this run."""
@@ -74,7 +84,8 @@ class TrainConfig:
 
 # keys a resumed run may change; any other differing key is an error
 RESUMABLE = {"out_dir", "time_budget", "log_interval", "progress", "sample_tokens", "sample_prompt",
-             "keep_checkpoints", "save_on_interrupt", "eval_batches", "eval_interval"}
+             "keep_checkpoints", "save_on_interrupt", "eval_batches", "eval_interval",
+             "zero", "bucket_mb", "comm_timeout"}  # [distributed #14] a run resumes at any stage
 
 _MIN1 = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_interval",
          "eval_batches", "log_interval", "keep_checkpoints")
@@ -113,8 +124,24 @@ def validate(cfg, sources: dict | None = None, check_paths: bool = True) -> None
             bad(k, "must be in [0, 1)")
     if "dropout" in have and not 0 <= cfg.dropout < 1:
         bad("dropout", "must be in [0, 1)")
+    if "zero" in have and cfg.zero not in (0, 1, 2, 3):  # [distributed #14]
+        bad("zero", "must be 0, 1, 2 or 3")
+    for k in ("bucket_mb", "comm_timeout"):
+        if k in have and not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0):
+            bad(k, "must be a finite number > 0")
     if "corpus_mb" in have and not cfg.corpus_mb > 0:
         bad("corpus_mb", "must be > 0")
+    if "dtype" in have and cfg.dtype not in ("fp32", "bf16", "fp16"):  # [amp #13]
+        bad("dtype", "must be fp32, bf16 or fp16")
+    elif "master_weights" in have and not cfg.master_weights and cfg.dtype != "bf16":
+        bad("master_weights", f"false is for dtype=bf16 (stochastic rounding), not dtype={cfg.dtype}")
+    for k in ("loss_scale_init", "loss_scale_min"):
+        if k in have and not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0):
+            bad(k, "must be a finite number > 0")
+    if "loss_scale_window" in have and cfg.loss_scale_window < 1:
+        bad("loss_scale_window", "must be >= 1")
+    if {"loss_scale_init", "loss_scale_min"} <= have and cfg.loss_scale_min > cfg.loss_scale_init > 0:
+        bad("loss_scale_min", f"must be <= loss_scale_init={cfg.loss_scale_init}")
     if "rope_theta" in have and not cfg.rope_theta > 0:
         bad("rope_theta", "must be > 0")
     if "model" in have:

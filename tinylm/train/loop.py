@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm.amp import train as amp_train
 from tinylm.optim import AdamW, ParamStore, Schedule
 from tinylm.train.checkpoint import save_checkpoint
 
@@ -96,18 +97,30 @@ class _Interrupt:
 
 class Trainer:
     def __init__(self, model, objective, data, cfg, out_dir, tokenizer, evaluate=None, meta=None,
-                 bytes_per_token: float | None = None, store: ParamStore | None = None):
+                 bytes_per_token: float | None = None, store: ParamStore | None = None, comm=None, zero: int = 0):
         """``cfg``: lr, min_lr, warmup_steps, max_steps, grad_accum, grad_clip, weight_decay,
         beta1, beta2, eval_interval, log_interval, time_budget, progress, keep_checkpoints,
         save_on_interrupt (TrainConfig has them all). ``evaluate(model) -> float``: the
-        validation loss (nats per unit). ``meta()``: extra JSON for state.json."""
+        validation loss (nats per unit). ``meta()``: extra JSON for state.json. ``comm``: a
+        tinylm.distributed communicator (None: one process, this file's path unchanged) and
+        ``zero`` its ZeRO stage (tinylm/distributed/zero.py)."""
         self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
         self.out = Path(out_dir)
         self.tokenizer, self.evaluate, self.meta = tokenizer, evaluate, meta or (lambda: {})
         self.bytes_per_token = bytes_per_token
         self.store = store if store is not None else ParamStore.for_model(model, cfg.weight_decay)
-        self.opt = AdamW(self.store, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        # [distributed #14] with a communicator, the data-parallel AdamW (ZeRO stage `zero`)
+        self.comm, self.is_main = comm, comm is None or comm.rank == 0
+        if comm is None:
+            self.opt = AdamW(self.store, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        else:
+            from tinylm.distributed.zero import ZeroOptimizer  # noqa: PLC0415
+
+            self.opt = ZeroOptimizer(self.store, comm, zero, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                     bucket_mb=getattr(cfg, "bucket_mb", 4.0), model=model)
         self.schedule = Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        # [amp #13] cfg.dtype bf16/fp16: the store keeps fp32 masters beside the working copy; fp16 a loss scaler
+        self.policy, self.scaler = amp_train.setup(self.store, cfg, comm)
         self.step, self.history, self.skipped = 0, [], 0
         self.ckpt_link = self.out / "checkpoint"
         self.last_saved = None
@@ -122,13 +135,16 @@ class Trainer:
                     schedule=self.schedule.state(), sampler=self.data.state(),
                     objective=self.objective.state(), model_type=self.model.model_type,
                     model_config=self.model.config_dict(),
-                    dropout_rng=None if rng is None else rng.bit_generator.state)
+                    dropout_rng=None if rng is None else rng.bit_generator.state,
+                    **amp_train.state(self.policy, self.scaler))  # [amp #13] {"amp": ...} in a 16-bit run
 
     def restore(self, state: dict) -> None:
         from tinylm.train.checkpoint import CheckpointError, load_weights  # noqa: PLC0415
 
         where = self.ckpt_link / "optimizer.safetensors"
-        load_weights(self.model, state["model"], self.ckpt_link / "model.safetensors")
+        # [distributed #14] a sharded model loads through its optimizer (each rank keeps its range)
+        (self.opt.load_weights if self.comm is not None else load_weights)(
+            self.model, state["model"], self.ckpt_link / "model.safetensors")
         try:
             self.opt.load_state_dict(state["optimizer"])
         except (KeyError, ValueError) as e:
@@ -140,28 +156,51 @@ class Trainer:
                 rng.bit_generator.state = state["dropout_rng"]
             self.objective.set_state(state.get("objective"))
             if "schedule" in state:
-                self.schedule = Schedule.from_state(state["schedule"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{self.ckpt_link / 'state.json'}: random or schedule state unusable ({e})") from None
+                schedule = Schedule.from_state(state["schedule"])
+                for s in (state["step"], schedule.end - 1, *(seg[0] for seg in schedule.segments)):
+                    if not math.isfinite(schedule(s)):  # evaluated once here: bad segments fail now
+                        raise ValueError(f"lr {schedule(s)} at step {s}")
+                self.schedule = schedule
+            skipped = state.get("skipped_batches", 0)
+            if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+                raise ValueError(f"skipped_batches must be an integer >= 0, got {skipped!r}")
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError) as e:
+            raise CheckpointError(f"{self.ckpt_link / 'state.json'}: random or schedule state unusable "
+                                  f"({e})"[:400]) from None
         self.step = state["step"]
         self.history = list(state.get("history", []))
-        self.skipped = int(state.get("skipped_batches", 0))
+        self.skipped = skipped
+        self.scaler = amp_train.restore_scaler(self.scaler, state.get("amp"))  # [amp #13]
 
     def save(self) -> Path:
-        self.last_saved = save_checkpoint(self.ckpt_link, self.model, self.opt, self.state(), self.tokenizer,
-                                          keep=getattr(self.cfg, "keep_checkpoints", 1))
+        if self.comm is not None:  # [distributed #14] consolidated on rank 0, every rank waits for it
+            from tinylm.distributed.hooks import save_distributed  # noqa: PLC0415
+
+            self.last_saved = save_distributed(self)
+            return self.last_saved
+        with self.store.masters_in_params():  # [amp #13] a 16-bit run's checkpoint holds the fp32 masters
+            self.last_saved = save_checkpoint(self.ckpt_link, self.model, self.opt, self.state(), self.tokenizer,
+                                              keep=getattr(self.cfg, "keep_checkpoints", 1))
         return self.last_saved
 
     # ---- the loop ---------------------------------------------------------------------------
-    def _micro_step(self, scale: float):
+    def _micro_step(self, scale: float, last: bool = True):
         loss, metrics = self.objective.loss(self.model, self.data.next())
         if loss is None:
             self.skipped += 1
+            if self.comm is not None:  # [distributed #14] this rank still joins the collectives
+                self.opt.backward(None, last)
             return None, metrics
         if scale != 1.0:
             loss = loss * scale
-        loss.backward()
-        return loss.item(), metrics
+        value = None
+        if self.scaler is not None:  # [amp #13] fp16: backpropagate loss * S, report the loss itself
+            value, loss = loss.item(), loss * self.scaler.scale
+        if self.comm is not None:  # [distributed #14] gradient buckets reduced during backward
+            self.opt.backward(loss, last)
+        else:
+            loss.backward()
+        return (loss.item() if value is None else value), metrics
 
     def run(self, stop_at: int | None = None) -> dict:
         """Train until ``stop_at`` (default: the schedule's end). Returns a summary dict."""
@@ -169,8 +208,10 @@ class Trainer:
 
         cfg = self.cfg
         stop_at = self.schedule.end if stop_at is None else stop_at
-        log = open(self.out / "log.jsonl", "a", encoding="utf-8")
-        bar = tqdm(total=stop_at, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        # [distributed #14] only rank 0 logs and shows progress
+        log = open(self.out / "log.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")
+        bar = tqdm(total=stop_at, initial=self.step, disable=not cfg.progress or not self.is_main, unit="step",
+                   dynamic_ncols=True)
         t_start = time.perf_counter()
         t_last, t_first, tok_since, n_done = t_start, t_start, 0, 0
         losses: list[float] = []
@@ -182,13 +223,17 @@ class Trainer:
                     lr = self.schedule(self.step)
                     self.opt.zero_grad()
                     loss_sum, metrics, used = 0.0, {}, 0
-                    for _ in range(acc):
-                        lv, m = self._micro_step(1.0 / acc)
+                    for i in range(acc):
+                        lv, m = self._micro_step(1.0 / acc, i == acc - 1)
                         for k, v in m.items():
                             metrics[k] = metrics.get(k, 0.0) + float(v) / acc
                         if lv is not None:
                             loss_sum += lv
                             used += 1
+                    if self.comm is not None:  # [distributed #14] the loss and metrics of the global batch
+                        from tinylm.distributed.hooks import global_step_stats  # noqa: PLC0415
+
+                        loss_sum, used, metrics = global_step_stats(self.comm, loss_sum, used, acc, metrics)
                     if used == 0:  # nothing in this step trained anything: no update
                         self.step += 1
                         bar.update(1)
@@ -201,8 +246,12 @@ class Trainer:
                         raise FloatingPointError(
                             f"loss became {loss_sum} at step {self.step}; stopping. The last good checkpoint "
                             f"({self.ckpt_link}, {kept}) is kept; try a lower lr (now {cfg.lr}) or more warmup_steps.")
-                    norm = self.opt.clip_grad_norm(cfg.grad_clip)
-                    self.opt.step(lr)
+                    if self.policy.mixed:  # [amp #13] grads rounded to the format, unscaled, clipped; fp16 overflow: skip
+                        norm, apply = amp_train.grads_ready(self.store, self.scaler, cfg.grad_clip)
+                    else:
+                        norm, apply = self.opt.clip_grad_norm(cfg.grad_clip), True
+                    if apply:
+                        self.opt.step(lr)
                     self.step += 1
                     n_done += 1
                     tok_since += getattr(self.data, "tokens_per_batch", 0) * acc
@@ -219,12 +268,17 @@ class Trainer:
                         rec.update({k: round(v, 6) for k, v in metrics.items()})
                         if self.skipped:
                             rec["skipped_batches"] = self.skipped
+                        if self.scaler is not None:  # [amp #13]
+                            rec.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
                         self.history.append({"step": self.step, "train": float(np.mean(losses[-cfg.log_interval:]))}
                                             | {k: v for k, v in metrics.items()})
                         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     budget_spent = cfg.time_budget > 0 and time.perf_counter() - t_start > cfg.time_budget * 60
+                    if self.comm is not None:  # [distributed #14] every rank stops at the same step
+                        budget_spent, intr.requested = (bool(x) for x in self.comm.allreduce(
+                            [budget_spent, intr.requested], "stop flags") > 0)
                     if self.step % cfg.eval_interval == 0 or self.step == stop_at or budget_spent or intr.requested:
                         last_val = self._validate(log, losses, bar) if self.evaluate else last_val
                         self.save()
@@ -275,4 +329,6 @@ class Trainer:
     def plot(self) -> None:
         from tinylm.train.plots import plot_losses  # noqa: PLC0415
 
+        if not self.is_main:  # [distributed #14]
+            return
         plot_losses(self.history, self.out / "loss.png")

@@ -1,0 +1,56 @@
+"""The training loop's mixed-precision steps (tinylm/train/loop.py calls these, marked [amp #13]).
+
+    setup:        Policy from cfg.dtype / cfg.master_weights; the store switched to the format
+                  (fp32 masters + working copy, or bf16 alone); a LossScaler for fp16
+    each step:    backward of loss * S (fp16) -> gradients rounded to the format as 16-bit
+                  storage would hold them -> unscaled (x 1/S), checked, clipped in fp32, one pass
+                  -> the scaler decides: apply the step, or skip it and halve S
+    checkpoints:  the fp32 masters as the model's weights and in the optimizer state, and the
+                  scaler's state in state.json (key "amp"), so a resume is exact
+"""
+from __future__ import annotations
+
+from tinylm.amp.policy import Policy
+from tinylm.amp.scaler import LossScaler
+
+
+def setup(store, cfg, comm=None):
+    """(policy, scaler or None) for a run's config; switches ``store`` to the run's format."""
+    policy = Policy(getattr(cfg, "dtype", "fp32"), bool(getattr(cfg, "master_weights", True)))
+    if not policy.mixed:
+        return policy, None
+    if comm is not None:
+        raise NotImplementedError(f"dtype={policy.dtype} with data-parallel training is not implemented yet")
+    store.set_format(policy.dtype, master=policy.master_weights, seed=int(getattr(cfg, "seed", 0)))
+    scaler = None
+    if policy.needs_scaler:
+        init = float(getattr(cfg, "loss_scale_init", 2.0 ** 16))
+        scaler = LossScaler(init_scale=init, growth_interval=int(getattr(cfg, "loss_scale_window", 2000)),
+                            min_scale=float(getattr(cfg, "loss_scale_min", 1.0)), max_scale=max(2.0 ** 24, init))
+    return policy, scaler
+
+
+def grads_ready(store, scaler, max_norm: float) -> tuple[float, bool]:
+    """After backward: (gradient norm, apply the step?). The gradients are rounded to the
+    store's format, then unscaled and clipped in fp32; with a scaler, a non-finite gradient
+    means: skip this step, and the scaler halves its scale."""
+    store.round_grads()
+    if scaler is None:
+        return store.clip_grad_norm(max_norm), True
+    norm, finite = store.unscale_clip(1.0 / scaler.scale, max_norm)
+    return norm, scaler.update(not finite)
+
+
+def state(policy, scaler) -> dict:
+    """The entries a 16-bit run adds to state.json (none for fp32: its state.json is unchanged)."""
+    if not policy.mixed:
+        return {}
+    return {"amp": {"dtype": policy.dtype, "master_weights": policy.master_weights,
+                    "scaler": None if scaler is None else scaler.state()}}
+
+
+def restore_scaler(scaler, saved: dict | None):
+    """The scaler a resumed run continues with: the checkpoint's, when it has one."""
+    if scaler is None or not saved or not saved.get("scaler"):
+        return scaler
+    return LossScaler.from_state(saved["scaler"])
