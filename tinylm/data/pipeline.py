@@ -472,6 +472,13 @@ def prepare(inputs, out_dir, tokenizer=None, *, val_fraction: float = 0.05, shar
             total_bytes += os.stat(f).st_size
         except OSError:
             pass  # reported as unreadable by the clean pass
+    from tinylm.distributed import world  # noqa: PLC0415 [distributed #14] None: one process
+
+    comm = world()
+    if comm is not None and comm.rank > 0:  # this rank cleans its share of the batches for rank 0
+        from tinylm.distributed.prepare import serve_clean  # noqa: PLC0415
+
+        return serve_clean(comm, files, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -480,7 +487,12 @@ def prepare(inputs, out_dir, tokenizer=None, *, val_fraction: float = 0.05, shar
     issues = Issues()
     runner = None
     try:
-        runner = _Runner(cfg.workers, (cfg,))
+        if comm is None:
+            runner = _Runner(cfg.workers, (cfg,))
+        else:  # [distributed #14] the ranks clean the batches; rank 0 decides and writes everything
+            from tinylm.distributed.prepare import MPIRunner  # noqa: PLC0415
+
+            runner = MPIRunner(comm, cfg)
         p1 = _clean_pass(runner, files, cfg, tmp, issues, total_bytes, progress)
         t1 = time.perf_counter()
         cutoff = cfg.val_fraction
@@ -516,4 +528,8 @@ def prepare(inputs, out_dir, tokenizer=None, *, val_fraction: float = 0.05, shar
             runner.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if comm is not None:  # [distributed #14]
+        from tinylm.distributed.prepare import finish  # noqa: PLC0415
+
+        finish(comm, report)
     return report
