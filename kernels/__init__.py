@@ -7,6 +7,23 @@ variant against the reference and times it.
 
 Dispatch: ``kernels.get(op, *arrays)`` picks the backend from the array type (CuPy -> "gpu",
 NumPy -> "cpu"); ``TINYLM_KERNELS=ref`` forces the NumPy references everywhere.
+
+Number formats (mixed precision, tinylm/amp/). One policy for every family, CPU and GPU:
+- A 16-bit array is bf16 stored as ``uint16`` (the top half of a float32; in kernels/ a uint16
+  float argument always means bf16, integer ids are int64) or fp16 stored as ``float16``.
+  Conversion: kernels/_formats.py (round to nearest even, NaN -> quiet NaN, infinities and
+  subnormals as IEEE; bit-exact against ml_dtypes).
+- Every kernel accepts them (kernels/_lowp.py): 16-bit arguments are converted to float32 on
+  entry, the fp32 kernel runs, activations are stored back in the input's format, statistics
+  (mean, rstd, lse, per-row losses, norms) stay fp32.
+- Accumulation is in fp32 or wider, never in a 16-bit format: fp32 inputs accumulate as they
+  always have (fp32 on the CPU; the gradient norm and the GPU row sums in float64), float64
+  inputs (gradient checks) in float64. NumPy has no float16 GEMM (2048x384 @ 384x1536: 4.4 s
+  against 37 ms in fp32, docs/performance.md), so on the CPU 16-bit is a storage format and
+  matmul converts to fp32 and calls the same BLAS; on a GPU an fp16 matmul is cuBLAS in fp16
+  with fp32 accumulation.
+- The engine's Tensors stay float32 (tinylm/amp/policy.py says why and what a 16-bit run
+  stores where).
 """
 # Threads, and why no OMP_WAIT_POLICY is set here any more: Numba's OpenMP workers spin for a
 # moment after each parallel kernel (libgomp's default), and so do OpenBLAS's own threads after

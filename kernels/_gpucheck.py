@@ -1,6 +1,7 @@
 """Check the GPU kernels without a GPU: run them under Numba's CUDA simulator, or compile to PTX.
 
     NUMBA_ENABLE_CUDASIM=1 python -m kernels._gpucheck sim   # every GPU variant vs its _ref
+    NUMBA_ENABLE_CUDASIM=1 python -m kernels._gpucheck sim16 # bf16/fp16 inputs vs the fp32 _ref
     python -m kernels._gpucheck ptx                          # every kernel -> PTX, sm_80 + sm_90
 
 One line per check: ``OK <what>`` or ``FAIL <what>: <why>``; exit status 1 if any failed. The two
@@ -110,6 +111,50 @@ def check_sim() -> int:
     return bad
 
 
+# 16-bit checks (kernels/_lowp.py): each op with its float inputs stored in bf16 / fp16, against
+# the fp32 reference on the same (decoded) inputs. Statistics a forward returns in fp32 (mean,
+# rstd, lse, per-row losses) are passed to the backward in fp32, as the autograd ops do.
+FP32_ARGS = {"layernorm_bwd": (3, 4), "rmsnorm_bwd": (3,), "cross_entropy_bwd": (2, 3), "attention_bwd": (5,),
+             "rope_fwd": (1, 2), "rope_bwd": (1, 2)}
+
+
+def check_16bit(backend: str, fams=FAMILIES):
+    """[(op, fmt, max rel err, tolerance, ok)] for every op of ``fams`` on ``backend``."""
+    from kernels import get
+    from kernels._formats import from_f32, to_f32
+    from kernels._lowp import INTEGER_ARGS, TOLERANCE
+
+    rows = []
+    for fmt in ("bf16", "fp16"):
+        cases = _cases(np.float32, np.random.default_rng(0))
+        for fam in fams:
+            for op, table in importlib.import_module(f"kernels.{fam}").VARIANTS.items():
+                args, inplace = cases[op]
+                keep = set(FP32_ARGS.get(op, ())) | set(INTEGER_ARGS.get(op, ()))
+                a16 = tuple(from_f32(a, fmt) if isinstance(a, np.ndarray) and a.dtype == np.float32
+                            and i not in keep else a for i, a in enumerate(args))
+                dec = tuple(to_f32(a) if i not in keep and isinstance(a, np.ndarray) else a
+                            for i, a in enumerate(a16))
+                want = _run(table["ref"], dec, inplace)
+                got = _run(get(op, *a16, backend=backend), a16, inplace)
+                err = max(float(np.max(np.abs(to_f32(g).astype(np.float64) - w) / (1 + np.abs(w)), initial=0.0))
+                          for g, w in zip(got, want))
+                finite = all(np.all(np.isfinite(to_f32(g))) for g in got)
+                rows.append((op, fmt, err, TOLERANCE[fmt], finite and err <= TOLERANCE[fmt]))
+    return rows
+
+
+def check_sim16() -> int:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        print("FAIL setup: NUMBA_ENABLE_CUDASIM=1 must be set before this process starts")
+        return 1
+    bad = 0
+    for op, fmt, err, tol, ok in check_16bit("gpu"):
+        print(f"{'OK' if ok else 'FAIL'} sim16 {op} gpu {fmt}: max rel err {err:.1e} (tolerance {tol:.0e})")
+        bad += not ok
+    return bad
+
+
 def check_ptx() -> int:
     from numba import cuda
     bad = 0
@@ -130,6 +175,6 @@ def check_ptx() -> int:
 
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
-    if mode not in ("sim", "ptx"):
-        sys.exit("usage: python -m kernels._gpucheck sim|ptx")
-    sys.exit(1 if (check_sim() if mode == "sim" else check_ptx()) else 0)
+    if mode not in ("sim", "sim16", "ptx"):
+        sys.exit("usage: python -m kernels._gpucheck sim|sim16|ptx")
+    sys.exit(1 if {"sim": check_sim, "sim16": check_sim16, "ptx": check_ptx}[mode]() else 0)

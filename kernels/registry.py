@@ -7,6 +7,10 @@ variable ``TINYLM_KERNELS=ref`` forces the NumPy references (for study and bisec
 CPU under Numba's simulator). It is read at each call, so tests can flip it with
 ``monkeypatch.setenv``.
 
+16-bit arrays (bf16 as uint16, fp16 as float16) among the arrays ``get`` is given select a
+wrapper that converts them to float32 on entry and stores activations in the format on exit
+(kernels/_lowp.py); float32 and float64 arrays get the kernel itself, unchanged.
+
 Families register lazily: ``get("layernorm_fwd", x)`` imports ``kernels.layernorm`` the first
 time an op of that family is asked for, so ``import kernels`` costs nothing.
 """
@@ -103,4 +107,16 @@ def get(op: str, *arrays, backend: str | None = None) -> Callable:
         fn = _REGISTRY.get((op, "ref"))
     if fn is None:
         raise NotImplementedError(f"kernel {op!r} has no {backend!r} variant")
+    if _has_16bit(arrays):  # bf16 (uint16) / fp16 arrays: converted on entry, fp32 inside (kernels/_lowp.py)
+        from kernels._lowp import accept_16bit  # noqa: PLC0415
+
+        return accept_16bit(op, fn)
     return fn
+
+
+def _has_16bit(arrays) -> bool:
+    for a in arrays:
+        dt = getattr(a, "dtype", None)
+        if dt is not None and dt.itemsize == 2 and dt.kind in "uf":  # uint16 = bf16, float16 = fp16
+            return True
+    return False
