@@ -20,6 +20,19 @@ from tinylm.nn import Module
 from tinylm.tensor import Tensor
 
 
+class ConfigFromDict:
+    """``from_dict`` for a model's config dataclass: an unknown key is an error that names it."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        from dataclasses import fields  # noqa: PLC0415
+
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
+        return cls(**d)
+
+
 class LanguageModel(Module):
     model_type = "?"
 

@@ -19,18 +19,18 @@ References: Radford et al. 2019 (GPT-2); nanoGPT's model.py for the layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from tinylm import functional as F
-from tinylm.models.base import LanguageModel
+from tinylm.models.base import ConfigFromDict, LanguageModel
 from tinylm.models.cache import KVCache
 from tinylm.nn import Embedding, LayerNorm, Linear, Module
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ConfigFromDict):
     n_layer: int = 4          # transformer blocks
     n_head: int = 4           # attention heads per block; n_embd must divide by it
     n_embd: int = 128         # channels (C)
@@ -51,13 +51,6 @@ class GPTConfig:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"GPTConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"GPTConfig: unknown keys {unknown}")
-        return cls(**d)
 
 
 class CausalSelfAttention(Module):

@@ -25,19 +25,19 @@ Shazeer 2020 (GLU variants).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from kernels.rope import rope_tables
 from tinylm import functional as F
-from tinylm.models.base import LanguageModel
+from tinylm.models.base import ConfigFromDict, LanguageModel
 from tinylm.models.cache import KVCache
 from tinylm.nn import Embedding, Linear, Module, RMSNorm
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(ConfigFromDict):
     n_layer: int = 4           # transformer blocks
     n_head: int = 4            # query heads; n_embd must divide by it, and n_embd / n_head be even
     n_kv_head: int = 4         # key/value heads (grouped-query attention); must divide n_head
@@ -66,13 +66,6 @@ class LlamaConfig:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"LlamaConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LlamaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LlamaConfig: unknown keys {unknown}")
-        return cls(**d)
 
     @property
     def hidden(self) -> int:
