@@ -140,7 +140,7 @@ class Sum(Function):
         xp = xp_of(dout)
         if not self.keepdims:
             dout = dout.reshape([1 if i in self.axis else n for i, n in enumerate(self.in_shape)])
-        return (xp.broadcast_to(dout, self.in_shape).copy(),)
+        return (xp.broadcast_to(dout, self.in_shape).copy(),)  # a fresh array: a leaf may keep it
 
 
 class Max(Function):

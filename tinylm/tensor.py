@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import sys
 import weakref
 
 import numpy as np
@@ -273,7 +274,7 @@ class Tensor:
                 if leaf.grad is None:
                     # a fresh array nobody else holds becomes .grad as it is (no copy of a
                     # possibly large gradient); anything shared or a view is copied
-                    alone = handed.get(id(g), 2) == 1 and getattr(g, "base", 0) is None
+                    alone = handed.get(id(g), 2) == 1 and _sole_owner(g)
                     leaf.grad = g if alone else g.copy()
                 else:
                     leaf.grad += g
@@ -433,6 +434,19 @@ def _topological_order(root: _Node) -> list[_Node]:
                         raise RuntimeError("backward through a graph that was already freed: use retain_graph=True")
                     stack.append((parent, False))
     return order
+
+
+def _sole_owner(g) -> bool:
+    """True when ``g`` owns its memory, or is a whole-array contiguous view (a reshape) of an
+    array that nothing else references: then it can become a leaf's .grad without a copy.
+    (A kernel's output reshaped by its op's backward is the common case: LayerNorm's dx.)"""
+    b = getattr(g, "base", 0)
+    if b is None:
+        return True
+    if not isinstance(b, np.ndarray) or b.base is not None or not g.flags.c_contiguous or g.size != b.size:
+        return False
+    # references to b: g's base pointer, the name b, and getrefcount's own argument
+    return sys.getrefcount(b) <= 3
 
 
 def _reduce_to_shape(g, shape: tuple, op: str, i: int):
