@@ -185,7 +185,44 @@ def pack(seqs: list, row_len: int, pad_id: int, packing: bool) -> tuple[np.ndarr
     return I, M
 
 
-class SFTRows:
+class EpochOrder:
+    """Items drawn in a fresh seeded permutation each epoch, ``batch`` at a time, with the
+    state a checkpoint needs: the generator's state at the start of the epoch plus the
+    position in it, so a resumed run draws the same batches. The base of the SFT, DPO and
+    GRPO data sources."""
+
+    def _init_order(self, n: int, batch: int, seed: int) -> None:
+        self.n, self.B = n, batch
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0
+        self._start_epoch()
+
+    def _start_epoch(self):
+        self.epoch_state = self.rng.bit_generator.state
+        self.order = self.rng.permutation(self.n)
+        self.pos = 0
+
+    def _take(self) -> list[int]:
+        """The next ``batch`` indices, starting a new epoch when this one runs out."""
+        take = []
+        while len(take) < self.B:
+            if self.pos >= len(self.order):
+                self.epoch += 1
+                self._start_epoch()
+            take.append(int(self.order[self.pos]))
+            self.pos += 1
+        return take
+
+    def state(self) -> dict:
+        return {"epoch_rng": self.epoch_state, "pos": self.pos, "epoch": self.epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["epoch_rng"]
+        self._start_epoch()
+        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
+
+
+class SFTRows(EpochOrder):
     """Batches (x, y) (B, T) of packed or padded rows for the Trainer: y is the next token
     where it is trained, IGNORE elsewhere. Rows are shuffled each epoch by a seeded Generator;
     ``state()`` is the generator's state at the start of the epoch plus the position in it,
@@ -195,28 +232,15 @@ class SFTRows:
         if not seqs:
             raise ValueError("no training conversations left (all bad, too long or without an assistant turn)")
         self.ids, self.mask = pack(seqs, block_size + 1, pad_id, packing)
-        self.B, self.T, self.packing = batch_size, block_size, packing
+        self.T, self.packing = block_size, packing
         self.tokens_per_batch = batch_size * block_size
-        self.rng = np.random.default_rng(seed)
-        self.epoch = 0
-        self._start_epoch()
-
-    def _start_epoch(self):
-        self.epoch_state = self.rng.bit_generator.state
-        self.order = self.rng.permutation(len(self.ids))
-        self.pos = 0
+        self._init_order(len(self.ids), batch_size, seed)
 
     def __len__(self):
         return len(self.ids)
 
     def next(self):
-        take = []
-        while len(take) < self.B:
-            if self.pos >= len(self.order):
-                self.epoch += 1
-                self._start_epoch()
-            take.append(int(self.order[self.pos]))
-            self.pos += 1
+        take = self._take()
         ids, mask = self.ids[take], self.mask[take]
         if not self.packing:  # padded rows: cut the batch to its longest row
             n = int(np.max(np.where(mask.any(axis=0))[0])) + 1 if mask.any() else 2
@@ -224,14 +248,6 @@ class SFTRows:
         x = ids[:, :-1]
         y = np.where(mask[:, 1:] > 0, ids[:, 1:], IGNORE)
         return np.ascontiguousarray(x), np.ascontiguousarray(y)
-
-    def state(self) -> dict:
-        return {"epoch_rng": self.epoch_state, "pos": self.pos, "epoch": self.epoch}
-
-    def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["epoch_rng"]
-        self._start_epoch()
-        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
 
 
 def fixed_sft_batches(seqs: list, block_size: int, batch_size: int, pad_id: int, packing: bool) -> list:

@@ -29,6 +29,7 @@ import numpy as np
 
 from tinylm.backend import xp_of
 from tinylm.posttrain.chat import IGNORE
+from tinylm.posttrain.data import EpochOrder
 from tinylm.posttrain.logprobs import sequence_logprobs
 from tinylm.tensor import Function, Tensor, no_grad
 from tinylm.train.objectives import Objective
@@ -103,42 +104,21 @@ def reference_logprobs(model, pairs: list, pad_id: int, batch_size: int = 16, av
     return out
 
 
-class PairBatches:
+class PairBatches(EpochOrder):
     """Shuffled batches of pairs, each with its cached reference log-probs, for the Trainer."""
 
     def __init__(self, pairs: list, ref: np.ndarray, batch_size: int, seed: int, pad_id: int):
         if not pairs:
             raise ValueError("no preference pairs left (all bad or too long)")
-        self.pairs, self.ref, self.B, self.pad_id = pairs, ref, min(batch_size, len(pairs)), pad_id
-        self.rng = np.random.default_rng(seed)
-        self.epoch = 0
-        self._start_epoch()
+        self.pairs, self.ref, self.pad_id = pairs, ref, pad_id
+        self._init_order(len(pairs), min(batch_size, len(pairs)), seed)
         lens = [len(p["chosen"][0]) + len(p["rejected"][0]) for p in pairs]
         self.tokens_per_batch = int(np.mean(lens) * self.B)
 
-    def _start_epoch(self):
-        self.epoch_state = self.rng.bit_generator.state
-        self.order = self.rng.permutation(len(self.pairs))
-        self.pos = 0
-
     def next(self) -> dict:
-        take = []
-        while len(take) < self.B:
-            if self.pos >= len(self.order):
-                self.epoch += 1
-                self._start_epoch()
-            take.append(int(self.order[self.pos]))
-            self.pos += 1
+        take = self._take()
         x, y = pair_batch([self.pairs[i] for i in take], self.pad_id)
         return {"x": x, "y": y, "ref": self.ref[take]}
-
-    def state(self) -> dict:
-        return {"epoch_rng": self.epoch_state, "pos": self.pos, "epoch": self.epoch}
-
-    def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["epoch_rng"]
-        self._start_epoch()
-        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
 
 
 class DPO(Objective):

@@ -31,6 +31,7 @@ import numpy as np
 
 from tinylm.generate import generate
 from tinylm.posttrain.chat import IGNORE
+from tinylm.posttrain.data import EpochOrder
 from tinylm.posttrain.logprobs import token_logprobs
 from tinylm.tensor import no_grad
 from tinylm.train.objectives import Objective
@@ -68,40 +69,18 @@ def load_reward(spec: str):
     return f
 
 
-class PromptBatches:
+class PromptBatches(EpochOrder):
     """Shuffled batches of prompt records (epoch by epoch, seeded, resumable)."""
 
     def __init__(self, records: list, batch_size: int, seed: int):
         if not records:
             raise ValueError("no prompts")
-        self.records, self.B = records, min(batch_size, len(records))
-        self.rng = np.random.default_rng(seed)
-        self.epoch = 0
+        self.records = records
         self.tokens_per_batch = 0
-        self._start_epoch()
-
-    def _start_epoch(self):
-        self.epoch_state = self.rng.bit_generator.state
-        self.order = self.rng.permutation(len(self.records))
-        self.pos = 0
+        self._init_order(len(records), min(batch_size, len(records)), seed)
 
     def next(self) -> list:
-        out = []
-        while len(out) < self.B:
-            if self.pos >= len(self.order):
-                self.epoch += 1
-                self._start_epoch()
-            out.append(self.records[int(self.order[self.pos])])
-            self.pos += 1
-        return out
-
-    def state(self) -> dict:
-        return {"epoch_rng": self.epoch_state, "pos": self.pos, "epoch": self.epoch}
-
-    def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["epoch_rng"]
-        self._start_epoch()
-        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
+        return [self.records[i] for i in self._take()]
 
 
 def sample_group(model, chat, messages, G: int, max_new_tokens: int, seed: int, **sampling):
