@@ -119,3 +119,16 @@ def load_toml(cfg, path: str | Path, sources: dict | None = None):
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
     return apply_dict(cfg, data, where=f"file {path}", sources=sources)
+
+
+def from_layers(cfg, config_file, overrides: list[str], flags: dict):
+    """The settings of a command, layer by layer: ``cfg``'s defaults, then the TOML file
+    ``config_file`` (if any), then ``key=value`` overrides, then command-line flags (a flag
+    whose value is None was not given). Returns (cfg, sources): where each key was set."""
+    sources: dict = {}
+    if config_file:
+        cfg = load_toml(cfg, config_file, sources)
+    cfg = apply_overrides(cfg, overrides, sources)
+    given = {k: v for k, v in flags.items() if v is not None}
+    return apply_dict(cfg, given, where="command line", sources=sources), sources
+

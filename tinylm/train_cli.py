@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tinylm.config import apply_dict, apply_overrides, load_toml  # noqa: PLC0415
+    from tinylm.config import from_layers  # noqa: PLC0415
 
     if args.nproc is not None:  # [distributed #14] started as N ranks under mpiexec; they run without --nproc
         from tinylm.distributed.launch import relaunch_cli  # noqa: PLC0415
@@ -58,15 +58,9 @@ def _train(args: argparse.Namespace) -> int:
         return relaunch_cli(args.nproc)
     from tinylm.train import TrainConfig, train  # noqa: PLC0415
 
-    sources: dict = {}
-    cfg = TrainConfig()
-    if args.config:
-        cfg = load_toml(cfg, args.config, sources)
-    cfg = apply_overrides(cfg, args.overrides, sources)
-    flags = {"data": args.data, "out_dir": args.out, "max_steps": args.max_steps, "time_budget": args.time_budget}
-    cfg = apply_dict(cfg, {k: v for k, v in flags.items() if v is not None}, where="command line", sources=sources)
-    if args.no_progress:
-        cfg = apply_dict(cfg, {"progress": False}, where="command line", sources=sources)
+    flags = {"data": args.data, "out_dir": args.out, "max_steps": args.max_steps, "time_budget": args.time_budget,
+             "progress": False if args.no_progress else None}
+    cfg, sources = from_layers(TrainConfig(), args.config, args.overrides, flags)
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, extend=args.extend, sources=sources)
     except FloatingPointError as e:

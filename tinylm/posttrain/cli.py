@@ -56,18 +56,12 @@ def add_parser(sub) -> None:
 
 
 def _stage(args: argparse.Namespace) -> int:
-    from tinylm.config import apply_dict, apply_overrides, load_toml  # noqa: PLC0415
+    from tinylm.config import from_layers  # noqa: PLC0415
     from tinylm.posttrain.stage import CONFIGS, run  # noqa: PLC0415
 
-    sources: dict = {}
-    cfg = CONFIGS[args.stage]()
-    if args.config:
-        cfg = load_toml(cfg, args.config, sources)
-    cfg = apply_overrides(cfg, args.overrides, sources)
-    flags = {"init": args.init, "data": args.data, "out_dir": args.out, "max_steps": args.max_steps}
-    cfg = apply_dict(cfg, {k: v for k, v in flags.items() if v is not None}, where="command line", sources=sources)
-    if args.no_progress:
-        cfg = apply_dict(cfg, {"progress": False}, where="command line", sources=sources)
+    flags = {"init": args.init, "data": args.data, "out_dir": args.out, "max_steps": args.max_steps,
+             "progress": False if args.no_progress else None}
+    cfg, sources = from_layers(CONFIGS[args.stage](), args.config, args.overrides, flags)
     try:
         result = run(args.stage, cfg, resume=args.resume, overwrite=args.overwrite, sources=sources)
     except FloatingPointError as e:
