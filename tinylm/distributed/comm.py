@@ -175,6 +175,10 @@ class MPIComm(Communicator):
     def abort(self, message: str, code: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
         sys.stderr.flush()
+        # MPI_Abort kills every rank at once, and mpiexec's I/O forwarding can lose output still in
+        # flight: seen here once in ~10 runs, the failing rank's message never reached the terminal.
+        # A short pause lets it be forwarded first; an abort is rare and the job is ending anyway.
+        time.sleep(0.5)
         self.comm.Abort(code)
 
     def set_timeout(self, seconds: float) -> None:
