@@ -106,3 +106,15 @@ def test_grpo_groups_with_equal_rewards_leave_the_loss_and_its_denominator():
         st.rng.integers(2**62)  # consume a's seed draw
         loss_b, _ = st.loss(m, [recs[1]])
         assert abs(loss.item() - loss_b.item()) < 1e-6
+
+
+def test_padded_batch_shifts_masks_and_pads_for_dpo_and_grpo():
+    from tinylm.posttrain.data import padded_batch
+    x, y = padded_batch([([5, 6, 7, 8], [0, 0, 1, 1]), ([1, 2], [0, 1])], pad_id=9)
+    assert x.tolist() == [[5, 6, 7], [1, 2, 9]]
+    assert y.tolist() == [[IGNORE, 7, 8], [2, IGNORE, IGNORE]]  # pads are never targets
+    # DPO's pair batch: the chosen rows, then the rejected rows
+    pairs = [{"chosen": ([1, 2, 3], [0, 1, 1]), "rejected": ([1, 4], [0, 1])}]
+    from tinylm.posttrain.dpo import pair_batch
+    px, py = pair_batch(pairs, pad_id=0)
+    assert px.tolist() == [[1, 2], [1, 4]] and py.tolist() == [[2, 3], [4, IGNORE]]

@@ -185,6 +185,19 @@ def pack(seqs: list, row_len: int, pad_id: int, packing: bool) -> tuple[np.ndarr
     return I, M
 
 
+def padded_batch(seqs: list, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences (ids, mask) -> x, y (R, L - 1), padded with ``pad_id`` to the longest (L):
+    x the inputs, y the next token where the mask trains it and IGNORE elsewhere (pads too).
+    DPO's pair batches and GRPO's answer batches are both this."""
+    L = max(len(ids) for ids, _ in seqs)
+    ids = np.full((len(seqs), L), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), L), dtype=bool)
+    for i, (a, m) in enumerate(seqs):
+        ids[i, :len(a)] = a
+        mask[i, :len(m)] = np.asarray(m, dtype=bool)
+    return ids[:, :-1], np.where(mask[:, 1:], ids[:, 1:], IGNORE)
+
+
 class EpochOrder:
     """Items drawn in a fresh seeded permutation each epoch, ``batch`` at a time, with the
     state a checkpoint needs: the generator's state at the start of the epoch plus the

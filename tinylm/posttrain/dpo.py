@@ -28,8 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinylm.backend import xp_of
-from tinylm.posttrain.chat import IGNORE
-from tinylm.posttrain.data import EpochOrder
+from tinylm.posttrain.data import EpochOrder, padded_batch
 from tinylm.posttrain.logprobs import sequence_logprobs
 from tinylm.tensor import Function, Tensor, no_grad
 from tinylm.train.objectives import Objective
@@ -77,14 +76,7 @@ def render_pairs(chat, records: list, fit) -> list[dict]:
 def pair_batch(pairs: list, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """P pairs -> x, y (2P, T): the chosen rows, then the rejected rows, padded to the longest;
     y is the next token on response tokens and IGNORE elsewhere."""
-    seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    L = max(len(ids) for ids, _ in seqs)
-    ids = np.full((len(seqs), L), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), L), dtype=bool)
-    for i, (a, m) in enumerate(seqs):
-        ids[i, :len(a)] = a
-        mask[i, :len(m)] = np.asarray(m, dtype=bool)
-    return ids[:, :-1], np.where(mask[:, 1:], ids[:, 1:], IGNORE)
+    return padded_batch([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
 
 
 def reference_logprobs(model, pairs: list, pad_id: int, batch_size: int = 16, average: bool = False) -> np.ndarray:

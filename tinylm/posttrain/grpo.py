@@ -31,7 +31,7 @@ import numpy as np
 
 from tinylm.generate import generate
 from tinylm.posttrain.chat import IGNORE
-from tinylm.posttrain.data import EpochOrder
+from tinylm.posttrain.data import EpochOrder, padded_batch
 from tinylm.posttrain.logprobs import token_logprobs
 from tinylm.tensor import no_grad
 from tinylm.train.objectives import Objective
@@ -142,13 +142,7 @@ class GRPO(Objective):
                    "answer_tokens": float(np.mean(lens))}
         if not rows:
             return None, metrics
-        L = max(len(p) + len(a) for p, a in rows)
-        ids = np.full((len(rows), L), end, dtype=np.int64)
-        mask = np.zeros((len(rows), L), dtype=bool)
-        for i, (p, a) in enumerate(rows):
-            ids[i, :len(p) + len(a)] = p + a
-            mask[i, len(p):len(p) + len(a)] = True
-        x, y = ids[:, :-1], np.where(mask[:, 1:], ids[:, 1:], IGNORE)
+        x, y = padded_batch([(p + a, [0] * len(p) + [1] * len(a)) for p, a in rows], end)
         n_tok = max(int((y != IGNORE).sum()), 1)
         logits, _ = model(x)
         lp = token_logprobs(logits, y)  # (R, T) float64, 0 off the answers
