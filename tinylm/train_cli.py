@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="steps of the schedule; with --resume, a smaller N stops early and a larger one needs --extend")
     p.add_argument("--time-budget", type=float, metavar="MIN", help="stop after this many minutes (with a checkpoint)")
+    p.add_argument("--preset", choices=("hour", "overnight"),
+                   help="size the model and schedule from this machine's measured speed to fill 60 minutes (hour) "
+                        "or 8 hours (overnight), with that time budget; key=value settings given are kept")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly where it stopped")
     p.add_argument("--extend", action="store_true",
                    help="with --resume and a larger --max-steps: continue the cosine from the current lr down to "
@@ -62,7 +65,8 @@ def _train(args: argparse.Namespace) -> int:
              "progress": False if args.no_progress else None}
     cfg, sources = from_layers(TrainConfig(), args.config, args.overrides, flags)
     try:
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite, extend=args.extend, sources=sources)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, extend=args.extend, sources=sources,
+                       preset=args.preset)
     except FloatingPointError as e:
         print(f"tinylm train: {e}", file=sys.stderr)
         return 3

@@ -21,6 +21,7 @@ Files in ``out_dir``: ``checkpoint`` (a link to the newest of ``checkpoints/step
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -181,12 +182,25 @@ def _amp_note(cfg) -> str:
 
 
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, overwrite: bool = False,
-          extend: bool = False, sources: dict | None = None) -> dict:
+          extend: bool = False, sources: dict | None = None, preset: str | None = None) -> dict:
     """Train; returns a summary dict (final losses, steps, tokens/s, paths).
 
     ``max_steps`` stops early without changing the schedule (as a time budget does);
     ``sources`` (key -> where it was set, from the CLI) decides which settings a resume
-    compares: without it every field of ``cfg`` counts as given."""
+    compares: without it every field of ``cfg`` counts as given. ``preset`` ("hour",
+    "overnight"): the model and schedule are sized from measured speed to fill that time
+    (tinylm/train/presets.py); the settings in ``sources`` are kept."""
+    t_called = time.perf_counter()
+    given = {k for k, src in (sources or {}).items() if src != "default"}
+    if preset is not None:
+        from tinylm.train import presets  # noqa: PLC0415
+
+        if preset not in presets.PRESETS:
+            raise ValueError(f"--preset {preset!r}: unknown; choose one of {', '.join(presets.PRESETS)}")
+        if resume:
+            raise ValueError("--preset plans a new run; a resumed run keeps the plan stored in its checkpoint "
+                             "(drop --preset)")
+        cfg = presets.corpus_defaults(cfg, given)
     validate(cfg, sources)
     from tinylm.distributed import world  # noqa: PLC0415 [distributed #14] None: one process
     from tinylm.distributed.hooks import mean_over_ranks, per_rank_batch  # noqa: PLC0415
@@ -240,6 +254,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         comm.barrier("data preparation on rank 0")
     from tinylm.models import model_class  # noqa: PLC0415
 
+    if preset is not None:
+        if comm is not None:
+            raise ValueError("--preset measures one process's speed; size a data-parallel run with max_steps")
+        cfg, record = presets.plan(cfg, preset, data.tokenizer.vocab_size, given,
+                                   elapsed_s=time.perf_counter() - t_called, log=lambda m: print(m, flush=True))
+        validate(cfg, check_paths=False)
+        presets.write_record(out, record)
     model_cls, _ = model_class(cfg.model)
     model = model_cls(cfg.model_config(data.tokenizer.vocab_size), seed=cfg.seed)
     # [distributed #14] batch_size is per rank; the global batch (and validation set) is the same at any rank count
