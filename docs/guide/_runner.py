@@ -8,6 +8,8 @@ failing block's index and traceback) if one failed; the blocks after a failure d
 
 A block sees, besides what earlier blocks defined:
 - ``QUICK``: True in the quick build (tiny settings; every block still runs);
+- ``GUIDE_DIR``: the chapters' directory (its ``data/`` and ``runs/`` hold inputs and recorded
+  long runs, which are part of each chapter's cache key);
 - ``figure(fig, caption)``: saves a matplotlib figure as the next numbered figure, shown
   under the block;
 - ``quote(name, value)``: returns ``str(value)`` and records it; the prose's ``{{name}}``
@@ -53,7 +55,8 @@ def main(job_path: str) -> int:
 
     os.environ["TINYLM_GUIDE_QUICK"] = "1" if job["quick"] else "0"
     os.environ.setdefault("MPLBACKEND", "Agg")
-    ns = {"__name__": "__guide__", "QUICK": bool(job["quick"]), "figure": figure, "quote": quote}
+    ns = {"__name__": "__guide__", "QUICK": bool(job["quick"]), "figure": figure, "quote": quote,
+          "GUIDE_DIR": Path(os.environ.get("TINYLM_GUIDE_DIR", Path(__file__).resolve().parent))}
     for i, block in enumerate(job["blocks"]):
         current = {"stdout": "", "figures": [], "seconds": 0.0}
         t0 = time.perf_counter()

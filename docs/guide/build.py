@@ -146,9 +146,20 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
+def data_hash(guide: Path) -> str:
+    """The guide's own inputs beside the chapters: ``data/`` and ``runs/`` (recorded long runs)."""
+    h = hashlib.sha256()
+    for d in ("data", "runs"):
+        for p in sorted((guide / d).rglob("*")) if (guide / d).is_dir() else ():
+            if p.is_file():
+                h.update(str(p.relative_to(guide)).encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 def chapter_key(ch: Chapter, quick: bool, src: str, dep_keys: list[str]) -> str:
     h = hashlib.sha256()
-    for part in (ch.path.read_bytes(), b"quick" if quick else b"full", src.encode(),
+    for part in (ch.path.read_bytes(), b"quick" if quick else b"full", src.encode(), data_hash(ch.path.parent).encode(),
                  (GUIDE / "build.py").read_bytes(), (GUIDE / "_runner.py").read_bytes(), *[k.encode() for k in dep_keys]):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:20]
@@ -181,7 +192,7 @@ def run_chapters(chs: list[Chapter], out: Path, quick: bool, log=print) -> dict:
         job_path = cache / ch.key / "job.json"
         job_path.write_text(json.dumps(job), encoding="utf-8")
         t0 = time.perf_counter()
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        env = dict(os.environ, TINYLM_GUIDE_DIR=str(ch.path.parent), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
         p = subprocess.run([sys.executable, str(GUIDE / "_runner.py"), str(job_path)], cwd=work, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
