@@ -111,3 +111,103 @@ def test_out_in_layout_merges_transposed():
     y = lm(x).numpy()
     lm.merge()
     np.testing.assert_allclose(lm(x).numpy(), y, rtol=0, atol=1e-12)
+
+
+# ---- the fused adapter op: NumPy reference, gradcheck, unchanged gradients, no frozen products ----
+from tinylm import F, gradcheck, tensor  # noqa: E402
+from tinylm.posttrain.lora import lora_linear, lora_linear_ref  # noqa: E402
+
+
+def op_inputs(rows, layout, bias, grad_w=True, seed=0):
+    rng = np.random.default_rng(seed)
+    c_in, c_out, r = 5, 7, 3
+    w = rng.normal(0, 0.5, (c_in, c_out) if layout == "in_out" else (c_out, c_in))
+    arrays = [rng.normal(size=(2, rows, c_in)), w, rng.normal(0, 0.5, (c_in, r)), rng.normal(0, 0.5, (r, c_out))]
+    if bias:
+        arrays.append(rng.normal(size=c_out))
+    return [tensor(a, requires_grad=grad_w or i != 1) for i, a in enumerate(arrays)]
+
+
+# rows per batch element 4 -> 8 rows >= C_in = 5: the adapter merged on the fly; 2 -> 4 rows: factored
+@pytest.mark.parametrize("rows", [4, 2])
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_matches_the_numpy_reference_and_gradchecks(rows, layout, bias):
+    ins = op_inputs(rows, layout, bias)
+    fn = lambda x, w, a, b, *rest: lora_linear(x, w, a, b, rest[0] if rest else None, 1.7, layout)  # noqa: E731
+    ref = lora_linear_ref(*[t.numpy() for t in ins[:4]], ins[4].numpy() if bias else None, 1.7, layout)
+    np.testing.assert_allclose(fn(*ins).numpy(), ref, rtol=0, atol=1e-12)
+    assert gradcheck(fn, ins)
+    # a frozen weight (the LoRA case): the others still check, and W gets no gradient
+    ins = op_inputs(rows, layout, bias, grad_w=False)
+    assert gradcheck(fn, ins)
+    fn(*ins).sum().backward()
+    assert ins[1].grad is None and all(t.grad is not None for i, t in enumerate(ins) if i != 1)
+
+
+def composed(x, layer):
+    """The adapter written with the primitive ops (the graph LoRALinear used to build)."""
+    lin = F.linear if layer.layout == "in_out" else F.linear_t
+    return lin(x, layer.weight, layer.bias) + F.linear(F.linear(x, layer.lora_A) * layer.scale, layer.lora_B)
+
+
+@pytest.mark.parametrize("n_rows", [12, 3])  # 24 rows: merged on the fly; 6 < C_in = 16: factored
+def test_lora_gradients_equal_the_composed_graphs_in_float64(monkeypatch, n_rows):
+    idx = IDX[:, :n_rows]
+    lm = apply_lora(model(), rank=3, alpha=6, seed=0)
+    rng = np.random.default_rng(4)
+    for _, p in lm.adapters():
+        p.data[...] = rng.normal(0, 0.2, p.shape)
+
+    def grads():
+        for _, p in lm.adapters():
+            p.grad = None
+        logits, loss = lm(idx, idx)
+        loss.backward()
+        return logits.numpy(), {n: p.grad.copy() for n, p in lm.adapters()}
+
+    out, g = grads()
+    monkeypatch.setattr(LoRALinear, "forward", lambda self, x: composed(x, self))
+    out_c, g_c = grads()
+    np.testing.assert_allclose(out, out_c, rtol=0, atol=1e-12)
+    assert g.keys() == g_c.keys() and len(g) == 16
+    for n in g:
+        np.testing.assert_allclose(g[n], g_c[n], rtol=1e-10, atol=1e-13, err_msg=n)
+        assert np.abs(g[n]).sum() > 0, n
+
+
+def test_frozen_weights_cost_no_weight_gradient_product(monkeypatch):
+    """Every product that reduces over the N = B*T rows is a weight gradient (x^T dout): with
+    the base frozen, only the rank-r adapter ones may run, none of a layer's size."""
+    import kernels
+
+    calls = []
+    real_get = kernels.get
+
+    def spy(op, *arrays, **kw):
+        fn = real_get(op, *arrays, **kw)
+        if op not in ("matmul", "matmul_acc"):
+            return fn
+
+        def rec(a, b, *rest):
+            calls.append((op, a.shape, b.shape))
+            return fn(a, b, *rest)
+        return rec
+
+    lm = apply_lora(model("float32"), rank=2, alpha=4, seed=0)
+    rng = np.random.default_rng(5)
+    for _, p in lm.adapters():
+        p.data[...] = rng.normal(0, 0.1, p.shape)
+    N = IDX.size  # 24: no model dimension (16, 48, 64, 50) equals it
+    monkeypatch.setattr(kernels, "get", spy)
+    _, loss = lm(IDX, IDX)
+    loss.backward()
+    assert calls and not [c for c in calls if c[1][-1] == N], calls  # no (C, N) @ (N, C') product
+    assert all(p.grad is None for n, p in lm.named_parameters() if "lora_" not in n)
+    assert all(p.grad is not None and np.abs(p.grad).sum() > 0 for _, p in lm.adapters())
+    # the same model trained in full does run them: the spy sees weight gradients
+    calls.clear()
+    full = model("float32")
+    _, loss = full(IDX, IDX)
+    loss.backward()
+    assert [c for c in calls if c[1][-1] == N]

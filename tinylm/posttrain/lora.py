@@ -3,9 +3,17 @@
 A Linear-like layer y = x W + b gets y = x W + b + (x A) B * (alpha / r), with A (C_in, r)
 drawn at random (std 1/sqrt(C_in)), B (r, C_out) zero, so a fresh adapter changes nothing.
 Only A and B train: every base parameter is frozen (``requires_grad = False``), so the
-ParamStore and AdamW hold only the adapters, and the engine skips each frozen weight's
-gradient product (``Function.needs_grad``): the backward of a frozen Linear is one GEMM (dx),
-not two.
+ParamStore and AdamW hold only the adapters, and no op computes a frozen input's gradient
+(``Function.needs_grad``): the backward of a frozen layer is one GEMM (dx), not two.
+
+The adapted layer is one op, ``lora_linear`` (``LoRALinearOp``): over many rows it merges the
+adapter into the weight on the fly (W + s A B, a rank-r product), so forward and dx are each
+one GEMM of the layer's size, and the rank-r products go to one direct BLAS call each rather
+than the threaded matmul kernel. Measured (benchmarks/posttrain.py, config M, shared 2-core
+machine): a LoRA step cost 1.61x a full fine-tuning step when the adapter was five ops (two
+linears, a scale, an add, the base linear), 0.78x as one op. Before, the base products were
+already skipped; the adapters' 143 small products per step, each a Numba parallel launch
+that waits for the other core, took 1.1 s of a 3.5 s step.
 
 ``apply_lora(model, rank, alpha, targets)`` swaps each target layer for a ``LoRALinear`` that
 keeps the layer's own ``weight`` and ``bias`` attributes (so parameter names, and a checkpoint
@@ -34,8 +42,11 @@ import math
 
 import numpy as np
 
+import kernels
 from tinylm import functional as F
+from tinylm.backend import xp_of
 from tinylm.nn import Linear, Module, Parameter
+from tinylm.tensor import ACCUMULATED, Function, Tensor
 
 ADDED_ROWS = "added_rows."  # state-dict prefix of vocabulary rows the base checkpoint lacks
 
@@ -62,6 +73,122 @@ def layout_of(mod) -> str | None:
     return None
 
 
+# ---- the adapted layer as one op ----------------------------------------------------------------
+def _small_mm(a, b):
+    """A product with a rank-r side (r << C): one direct BLAS call (cuBLAS on the GPU).
+
+    Not the threaded ``matmul`` kernel: each of its calls is a Numba parallel launch, and on a
+    shared 2-core machine a launch waits for a time slice on the other core. Measured at config M
+    (2048 rows, r = 8, another job on the cores): (2048, 384) @ (384, 8) 4.0-8.0 ms through the
+    kernel, 0.25-0.30 ms through np.matmul (OpenBLAS, one thread); 143 such products made the
+    adapters 40% of a LoRA step."""
+    return xp_of(a).matmul(a, b)
+
+
+class LoRALinearOp(Function):
+    """out = x W + bias + s (x A) B in one op, W frozen or not; inputs (x, W, A, B[, bias]).
+
+    W is (C_in, C_out), or (C_out, C_in) with ``wt`` (then x W^T). With at least as many rows
+    as inputs (training: N = B*T >= C_in) the adapter is merged on the fly, W' = W + s A B (a
+    (C_in, r) @ (r, C_out) product, N / r times cheaper than the layer's), so the forward is
+    one GEMM of the layer's size and so is dx = dout W'^T, instead of the layer's GEMM plus two
+    rank-r products of N rows and an (N, C_out) add each way. W' is recomputed in the backward,
+    not kept: the adapters add no weight-sized array between forward and backward. With fewer
+    rows (generation) the factored form x W + s (x A) B is cheaper and is used.
+
+    Backward, g = dout B^T (N, r) and h = x A (N, r):
+        dx = dout W'^T (merged) or dout W^T + s g A^T;  dA = s x^T g;  dB = s h^T dout;
+        dW = x^T dout (dout^T x with wt), only if W requires grad;  dbias = sum of dout rows.
+    Each is computed only for an input that needs it (``needs_grad``): a frozen W costs no
+    weight-gradient product. B = 0 gives W' = W exactly, so a fresh adapter is bit-for-bit the
+    base layer.
+    """
+
+    def forward(self, x, w, a, b, bias=None, scale=1.0, wt=False):
+        xp = xp_of(x)
+        self.shape, self.wt, self.has_bias = x.shape, wt, bias is not None
+        c_in = a.shape[0]
+        x2 = x.reshape(-1, c_in)
+        self.x2, self.w, self.a, self.b, self.s = x2, w, a, b, scale
+        mm = kernels.get("matmul", x2)
+        self.fold = x2.shape[0] >= c_in
+        if self.fold:
+            out = mm(x2, self._merged_io())
+        else:
+            out = mm(x2, w.T if wt else w)
+            out += _small_mm(_small_mm(x2, a) * xp.asarray(scale, dtype=x.dtype), b)
+        if bias is not None:
+            out += bias
+        return out.reshape(x.shape[:-1] + (out.shape[1],))
+
+    def _merged_io(self):
+        """W' = W + s A B as the (C_in, C_out) operand: for wt a transposed view of the
+        (C_out, C_in) array W + s B^T A^T, so the GEMM reads it as it reads W."""
+        s = xp_of(self.a).asarray(self.s, dtype=self.a.dtype)
+        if self.wt:
+            d = _small_mm(self.b.T, self.a.T * s)  # (C_out, C_in), C-contiguous like W
+            d += self.w
+            return d.T
+        d = _small_mm(self.a * s, self.b)  # (C_in, C_out)
+        d += self.w
+        return d
+
+    def backward(self, dout):
+        xp = xp_of(dout)
+        need_x, need_w, need_a, need_b = self.needs_grad[:4]
+        x2, a, b, w = self.x2, self.a, self.b, self.w
+        s = xp.asarray(self.s, dtype=a.dtype)
+        d2 = dout.reshape(-1, b.shape[1])
+        mm = kernels.get("matmul", d2)
+        g = _small_mm(d2, b.T) * s if (need_x and not self.fold) or need_a else None  # s dout B^T
+        dx = dw = da = db = None
+        if need_x:
+            if self.fold:
+                dx = mm(d2, self._merged_io().T)
+            else:
+                dx = mm(d2, w if self.wt else w.T)
+                dx += _small_mm(g, a.T)
+            dx = dx.reshape(self.shape)
+        if need_a:
+            da = _small_mm(x2.T, g)  # (C_in, r)
+        if need_b:
+            db = _small_mm((_small_mm(x2, a) * s).T, d2)  # (r, C_out)
+        if need_w:
+            lhs, rhs = (d2.T, x2) if self.wt else (x2.T, d2)
+            sink = self.grad_sink(1)
+            if sink is not None:  # into the optimizer's gradient buffer, as F.linear does
+                kernels.get("matmul_acc", d2)(lhs, rhs, sink)
+                dw = ACCUMULATED
+            else:
+                dw = mm(lhs, rhs)
+        if not self.has_bias:
+            return dx, dw, da, db
+        dbias = xp.asarray(d2.sum(axis=0)) if self.needs_grad[4] else None
+        return dx, dw, da, db, dbias
+
+
+def lora_linear(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None, scale: float = 1.0,
+                layout: str = "in_out") -> Tensor:
+    """x W + bias + scale (x A) B; W (C_in, C_out) for ``layout="in_out"``, (C_out, C_in) for
+    "out_in" (x W^T); A (C_in, r), B (r, C_out)."""
+    n_in, n_out = w.shape if layout == "in_out" else w.shape[::-1]
+    r = a.shape[1] if a.ndim == 2 else -1
+    if x.shape[-1] != n_in or a.shape != (n_in, r) or b.shape != (r, n_out):
+        raise ValueError(f"lora_linear: x {x.shape}, W {w.shape} ({layout}), A {a.shape}, B {b.shape} do not fit")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"lora_linear: bias has shape {bias.shape}, expected ({n_out},)")
+    args = (x, w, a, b) if bias is None else (x, w, a, b, bias)
+    return LoRALinearOp.apply(*args, scale=float(scale), wt=layout == "out_in")
+
+
+def lora_linear_ref(x, w, a, b, bias=None, scale: float = 1.0, layout: str = "in_out") -> np.ndarray:
+    """NumPy reference of ``lora_linear`` in float64: x W + bias + s (x A) B."""
+    x, w, a, b = (np.asarray(t, dtype=np.float64) for t in (x, w, a, b))
+    w_io = w if layout == "in_out" else w.T
+    out = x @ w_io + scale * ((x @ a) @ b)
+    return out if bias is None else out + np.asarray(bias, dtype=np.float64)
+
+
 class LoRALinear(Module):
     """A frozen Linear-like layer plus a trainable low-rank update."""
 
@@ -78,12 +205,10 @@ class LoRALinear(Module):
         self.enabled, self.merged = True, False
 
     def forward(self, x):  # (..., C_in) -> (..., C_out)
-        lin = F.linear if self.layout == "in_out" else F.linear_t
-        y = lin(x, self.weight, self.bias)
         if self.enabled and not self.merged:
-            # scale the (..., r) product, not the (..., C_out) one: r << C_out
-            y = y + F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
-        return y
+            return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, self.scale, self.layout)
+        lin = F.linear if self.layout == "in_out" else F.linear_t
+        return lin(x, self.weight, self.bias)
 
     def delta(self) -> np.ndarray:
         """s A B in the weight's layout."""
