@@ -338,9 +338,48 @@ def write_html(chs: list[Chapter], out: Path, listing: list[tuple[str, str]]) ->
 
 # ---- PDF --------------------------------------------------------------------------------------
 def build_pdf(chs: list[Chapter], out: Path, listing: list[tuple[str, str]]) -> Path:
-    from guide_pdf import write_pdf  # noqa: PLC0415  (docs/guide/guide_pdf.py)
+    import importlib.util  # noqa: PLC0415
 
-    return write_pdf(chs, out, listing, rendered_parts, figure_numbers)
+    spec = importlib.util.spec_from_file_location("tinylm_guide_pdf", GUIDE / "guide_pdf.py")
+    pdf = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pdf
+    spec.loader.exec_module(pdf)
+    try:
+        return pdf.write_pdf(chs, out, listing, rendered_parts, figure_numbers, _md())
+    except pdf.PdfError as e:
+        raise BuildError(str(e)) from None
+
+
+def build(out: Path, quick: bool, only: str | None = None, names: list[str] | None = None, guide: Path = GUIDE,
+          log=print, listing_files=LISTING) -> dict:
+    """Run the chapters (those named and the ones they need; default all) and write the
+    outputs. Returns {"chapters", "ran" (name -> "ran" | "cached"), "html", "pdf"}. Raises
+    BuildError."""
+    out.mkdir(parents=True, exist_ok=True)
+    chs = chapters(guide)
+    if names:
+        want = set(names)
+        unknown = want - {c.name for c in chs}
+        if unknown:
+            raise BuildError(f"--chapters: no chapter named {', '.join(sorted(unknown))}")
+        for c in reversed(chs):
+            if c.name in want:
+                want |= set(c.needs)
+        chs = [c for c in chs if c.name in want]
+    log(f"running {len(chs)} chapters ({'quick' if quick else 'full'}) into {out}")
+    ran = run_chapters(chs, out, quick, log)
+    for ch in chs:
+        for _ in rendered_parts(ch):  # every {{quote}} resolves before anything is written
+            pass
+    listing = [(rel, (ROOT / rel).read_text(encoding="utf-8")) for rel in listing_files]
+    res = {"chapters": chs, "ran": ran, "html": None, "pdf": None}
+    if only != "pdf":
+        res["html"] = write_html(chs, out, listing)
+        log(f"html: {res['html']}")
+    if only != "html":
+        res["pdf"] = build_pdf(chs, out, listing)
+        log(f"pdf: {res['pdf']}")
+    return res
 
 
 def main(argv=None) -> int:
@@ -351,30 +390,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chapters", help="comma-separated chapter names to build (and those they need)")
     args = ap.parse_args(argv)
     out = args.out or GUIDE / ("_build-quick" if args.quick else "_build")
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        chs = chapters()
-        if args.chapters:
-            want = set(args.chapters.split(","))
-            unknown = want - {c.name for c in chs}
-            if unknown:
-                raise BuildError(f"--chapters: no chapter named {', '.join(sorted(unknown))}")
-            for c in reversed(chs):
-                if c.name in want:
-                    want |= set(c.needs)
-            chs = [c for c in chs if c.name in want]
-        print(f"running {len(chs)} chapters ({'quick' if args.quick else 'full'}) into {out}")
-        run_chapters(chs, out, args.quick)
-        for ch in chs:
-            for kind, *_ in rendered_parts(ch):  # every {{quote}} resolves before anything is written
-                pass
-        listing = [(rel, (ROOT / rel).read_text(encoding="utf-8")) for rel in LISTING]
-        if args.only != "pdf":
-            print(f"html: {write_html(chs, out, listing)}")
-        if args.only != "html":
-            sys.path.insert(0, str(GUIDE))
-            print(f"pdf: {build_pdf(chs, out, listing)}")
+        build(out, args.quick, args.only, args.chapters.split(",") if args.chapters else None)
     except BuildError as e:
         print(f"guide build failed: {e}", file=sys.stderr)
         return 1

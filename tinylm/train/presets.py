@@ -5,7 +5,7 @@ model and the length of its schedule from *measured* speed, not from a table of 
 
 1. Shapes are tried from a ladder (``LADDER``), smallest first. For each, a few real training
    steps (forward, backward, clipping, AdamW on random tokens of the run's vocabulary) are
-   timed after two warm-up steps; that gives its tokens/s here.
+   timed for ``MEASURE_S`` seconds after two warm-up steps; that gives its tokens/s here.
 2. A shape is affordable when the budget lets it see at least ``TOKENS_PER_PARAM`` training
    tokens per non-embedding parameter. 20 is the Chinchilla rule of thumb for a
    compute-optimal run (Hoffmann et al., 2022); a smaller model trained longer is the better
@@ -35,9 +35,10 @@ import numpy as np
 
 PRESETS = {"hour": 60.0, "overnight": 480.0}
 TOKENS_PER_PARAM = 20.0
-MARGIN = 0.10          # of the remaining time: validation, checkpoints, plots, the final sample, load
+MARGIN = 0.02          # of the remaining time: validation, checkpoints, plots, the final sample
 BATCH = 16             # sequences per step for every shape
 WARMUP_STEPS, TIMED_STEPS = 2, 4
+MEASURE_S = 8.0       # seconds of timed steps per shape
 
 # (n_layer, n_head, n_embd, block_size, lr), smallest first
 LADDER = (
@@ -64,9 +65,10 @@ def non_embedding_params(n_layer: int, n_embd: int) -> int:
     return n_layer * (12 * n_embd * n_embd + 13 * n_embd)
 
 
-def measure(cfg, vocab_size: int, steps: int = TIMED_STEPS, warmup: int = WARMUP_STEPS) -> float:
-    """Tokens/s of full training steps of ``cfg``'s model on random tokens (seconds per step
-    is the median of ``steps`` timed steps after ``warmup``)."""
+def measure(cfg, vocab_size: int, seconds: float = MEASURE_S, warmup: int = WARMUP_STEPS) -> float:
+    """Tokens/s of full training steps of ``cfg``'s model on random tokens: after ``warmup``
+    steps, as many steps as fit in ``seconds`` (at least ``TIMED_STEPS``), total tokens over
+    total time, so a burst of someone else's load is averaged in rather than dodged."""
     from tinylm.models import model_class  # noqa: PLC0415
     from tinylm.optim import AdamW  # noqa: PLC0415
 
@@ -75,17 +77,21 @@ def measure(cfg, vocab_size: int, steps: int = TIMED_STEPS, warmup: int = WARMUP
     opt = AdamW(model.param_groups(cfg.weight_decay), lr=1e-4, betas=(cfg.beta1, cfg.beta2))
     rng = np.random.default_rng(0)
     x = rng.integers(0, vocab_size, (cfg.batch_size, cfg.block_size + 1))
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def step():
         _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.clip_grad_norm(1.0)
         opt.step()
         opt.zero_grad()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return cfg.batch_size * cfg.block_size / float(np.median(times))
+
+    for _ in range(warmup):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while n < TIMED_STEPS or time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    return n * cfg.batch_size * cfg.block_size / (time.perf_counter() - t0)
 
 
 def plan(cfg, name: str, vocab_size: int, given: set, elapsed_s: float = 0.0, measure_fn=measure,
