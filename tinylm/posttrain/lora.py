@@ -25,8 +25,12 @@ them back together).
 
 A layer is Linear-like if it is a ``tinylm.nn.Linear`` (weight (C_in, C_out), ``F.linear``) or
 has a 2-D ``weight`` and a ``layout`` attribute: "in_out" (F.linear) or "out_in" (PyTorch's
-layout, ``F.linear_t``: a Llama projection). ``targets``: "all" (every Linear-like layer) or
-names matched against the end of each layer's dotted path ("c_attn", "attn.c_proj", "q_proj").
+layout, ``F.linear_t``: a Llama projection). ``targets``: "all" (every Linear-like layer but
+the LM head) or names matched against the end of each layer's dotted path ("c_attn",
+"attn.c_proj", "q_proj"). The head (``lm_head``, Llama's untied one) is never adapted: the
+models compute their logits from the head's weight directly (``F.linear_t(x, head.weight)``,
+as GPT's tied head), so an adapter there would train nothing; naming it is an error. (Found by
+the Llama tests: "all" used to wrap it, and its adapters never got a gradient.)
 
 ``merge`` folds the adapters into the weights (W += s A B, or its transpose), after which the
 forward is the base forward, as fast; ``unmerge`` subtracts them again; ``disabled(model)``
@@ -49,6 +53,7 @@ from tinylm.nn import Linear, Module, Parameter
 from tinylm.tensor import ACCUMULATED, Function, Tensor
 
 ADDED_ROWS = "added_rows."  # state-dict prefix of vocabulary rows the base checkpoint lacks
+HEADS = ("lm_head",)  # top-level names of an LM head, never adapted (see above)
 
 
 def freeze(p) -> None:
@@ -265,13 +270,18 @@ class LoRAModel(Module):
             freeze(p)
         rng = np.random.default_rng(seed)
         tg = self.lora_config["targets"]
+        heads = [t for t in tg if t in HEADS or t.endswith(tuple("." + h for h in HEADS))]
+        if heads:
+            raise ValueError(f"lora_targets {','.join(heads)}: the LM head cannot take an adapter (the model reads "
+                             f"its weight directly); adapt the layers in the blocks")
         wrapped = []
         todo = [("", model)]
         while todo:
             prefix, mod = todo.pop(0)
             for parent, attr, idx, path, child in _walk(mod, prefix):
                 lay = layout_of(child)
-                hit = lay is not None and ("all" in tg or any(path == t or path.endswith("." + t) for t in tg))
+                hit = lay is not None and path not in HEADS and (
+                    "all" in tg or any(path == t or path.endswith("." + t) for t in tg))
                 if hit:
                     new = LoRALinear(child, rank, alpha, rng, lay)
                     if idx is None:
