@@ -129,6 +129,8 @@ class ZeroOptimizer:
         for bi, bk in enumerate(self.buckets):
             for i in bk.params:
                 self.bucket_of[(bk.gi, i)] = bi
+        self.order = self._launch_order(model)
+        self.cursor = 0
 
     # ---- sizes ----------------------------------------------------------------------------------
     def nbytes(self) -> dict:
@@ -169,14 +171,15 @@ class ZeroOptimizer:
         for bk in self.buckets:
             bk.launched = False
             bk.remaining = len(bk.params)
+        self.cursor = 0
         if loss is not None:
             if self.stage == 3:
                 loss.backward()
             else:
                 backward_with_hooks(loss, self.params, self._on_grad, self._on_ready, self._poke)
-        for bi, bk in enumerate(self.buckets):  # whatever backward did not reach: now (zeros if nothing)
-            if not bk.launched:
-                self._launch(bi)
+        for bk in self.buckets:  # whatever backward did not reach: now (zeros if nothing)
+            bk.remaining = 0
+        self._launch_ready(force=True)
         if self.stage == 3:
             self._release(-1)
 
@@ -214,8 +217,39 @@ class ZeroOptimizer:
         bi = self.bucket_of[(gi, i)]
         bk = self.buckets[bi]
         bk.remaining -= 1
-        if bk.remaining == 0 and not bk.launched and self.overlap:
-            self._launch(bi)
+        if bk.remaining == 0:
+            self._launch_ready()
+
+    def _launch_order(self, model) -> list[int]:
+        """The one order in which every rank starts the buckets' collectives. MPI matches
+        collectives on a communicator by the order they are called, so a rank whose backward
+        completes buckets in another order (a different graph: a skipped micro-batch, an extra
+        term in one rank's loss) must still start them in this order, or the ranks hang or mix
+        up buckets. Stages 0-2: by where the bucket's first parameter sits in the model (the
+        later, the sooner backward completes it); stage 3: by layer, last layer first, then
+        the parameters outside the layers."""
+        n = len(self.buckets)
+        if self.stage == 3:
+            return sorted(range(n), key=lambda bi: (1, 0) if self.buckets[bi].unit < 0 else (0, -self.buckets[bi].unit))
+        if model is None:
+            return list(range(n))
+        pos = {id(p): k for k, p in enumerate(model.parameters())}
+        first = [min(pos.get(id(self.store.groups[bk.gi].params[i]), -1) for i in bk.params) for bk in self.buckets]
+        return sorted(range(n), key=lambda bi: -first[bi])
+
+    def _launch_ready(self, force: bool = False) -> None:
+        """Start, in ``self.order``, every bucket that is complete and not preceded by an
+        incomplete one (``overlap`` off: only when ``force``d, after backward)."""
+        if not (self.overlap or force):
+            return
+        while self.cursor < len(self.order):
+            bi = self.order[self.cursor]
+            bk = self.buckets[bi]
+            if bk.remaining > 0:
+                return
+            if not bk.launched:
+                self._launch(bi)
+            self.cursor += 1
 
     def _launch(self, bi):
         """Start bucket ``bi``'s collective."""
@@ -487,9 +521,10 @@ class ZeroOptimizer:
                 self._alloc_temp(bk)
 
     def _launch_unit(self, unit):
-        for bi, bk in enumerate(self.buckets):
-            if bk.unit == unit and not bk.launched:
-                self._launch(bi)
+        for bk in self.buckets:
+            if bk.unit == unit:
+                bk.remaining = 0
+        self._launch_ready(force=True)
 
     def _wrap_model(self, model):
         opt = self
