@@ -68,24 +68,29 @@ def test_layout_partitions_every_range(n, world):
 
 
 # ---- stages in one process (SingleProcess communicator): the same run as no communicator ------
-def _tiny_run(comm, zero, steps=4):
+def _tiny_run(comm, zero, steps=4, amp=None):
     from tinylm.models import GPT, GPTConfig
     from tinylm.train.loop import Trainer
     from tinylm.train.objectives import NextToken
     from tinylm.train.pretrain import BatchSampler
 
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, dtype="float64"), seed=3)
+    dtype = "float64" if amp is None else "float32"
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, dtype=dtype), seed=3)
     tokens = np.random.default_rng(0).integers(0, 32, 800)
     cfg = SimpleNamespace(lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=steps, grad_accum=2, grad_clip=0.05,
                           weight_decay=0.1, beta1=0.9, beta2=0.95, eval_interval=10**6, log_interval=1,
-                          time_budget=0, progress=False, keep_checkpoints=1, save_on_interrupt=False, bucket_mb=0.001)
+                          time_budget=0, progress=False, keep_checkpoints=1, save_on_interrupt=False, bucket_mb=0.001,
+                          **(amp or {}))
     tr = Trainer(model, NextToken(), BatchSampler(tokens, 4, 8, 5), cfg, "/nonexistent-never-written", None,
                  meta=dict, comm=comm, zero=zero)
     tr.out = Path(os.environ["TINYLM_TEST_TMP"])
     res = tr.run()
     if comm is not None:
         tr.opt.materialize()
-    return res["train_losses"], np.concatenate([p.data.reshape(-1) for _, p in sorted(model.named_parameters())])
+    w = np.concatenate([p.data.reshape(-1) for _, p in sorted(model.named_parameters())])
+    if amp is not None:
+        return res["train_losses"], w, None if tr.scaler is None else tr.scaler.state()
+    return res["train_losses"], w
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
@@ -98,6 +103,36 @@ def test_single_process_communicator_matches_no_communicator(zero, tmp_path, mon
     l, w = _tiny_run(SingleProcess(), zero)
     np.testing.assert_allclose(l, ref_l, rtol=1e-12)
     np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
+
+
+# fp16 with a first scale that overflows (skips, halvings and growth in 6 steps), bf16 with and without masters
+AMP = {"fp16": dict(dtype="fp16", loss_scale_init=2.0 ** 20, loss_scale_window=2, seed=0),
+       "bf16": dict(dtype="bf16", seed=0), "bf16-sr": dict(dtype="bf16", master_weights=False, seed=0)}
+
+
+_AMP_REF: dict = {}
+
+
+@pytest.mark.parametrize("amp,zero", [("fp16", 0), ("fp16", 1), ("fp16", 2), ("fp16", 3), ("bf16", 1), ("bf16", 3),
+                                      ("bf16-sr", 2), ("bf16-sr", 3)])
+def test_mixed_precision_single_process_communicator_is_the_single_process_run(amp, zero, tmp_path, monkeypatch):
+    """One rank through the ZeroOptimizer's 16-bit path (sharded masters, rounding of the
+    reduced gradients, the agreed overflow decision, stochastic rounding at buffer positions)
+    computes bit for bit what the ParamStore's path computes: the same operations on the same
+    numbers, so exact equality."""
+    from tinylm.distributed import SingleProcess
+
+    monkeypatch.setenv("TINYLM_TEST_TMP", str(tmp_path))
+    monkeypatch.setattr("tinylm.train.loop.Trainer.save", lambda self: None)
+    if amp not in _AMP_REF:  # the single-process run, once per format
+        _AMP_REF[amp] = _tiny_run(None, 0, steps=6, amp=AMP[amp])
+    ref_l, ref_w, ref_s = _AMP_REF[amp]
+    l, w, sc = _tiny_run(SingleProcess(), zero, steps=6, amp=AMP[amp])
+    np.testing.assert_array_equal(l, ref_l)
+    np.testing.assert_array_equal(w, ref_w)
+    assert sc == ref_s
+    if amp == "fp16":
+        assert ref_s["skipped"] >= 1 and ref_s["grown"] >= 1
 
 
 # ---- memory: bytes per parameter read from the buffers, against the paper ----------------------
@@ -186,6 +221,110 @@ def test_resume_a_2_rank_zero2_checkpoint_on_1_and_3_ranks(tmp_path):
         assert r["steps"] == 20 and len(r["losses"]) == 10
         np.testing.assert_allclose(r["losses"], ref["losses"][10:], rtol=1e-10, err_msg=f"{n} ranks zero={zero}")
         np.testing.assert_allclose(w, ref_w, rtol=1e-10, atol=1e-10)
+
+
+# ---- mixed precision over ranks (mpiexec) ------------------------------------------------------------
+# Tolerances. The losses hold the float32 tests' 1e-5 relative (measured: 3.5e-6 bf16, 2.3e-7
+# fp16). The fp32 masters cannot hold float32's 1e-5: the N-rank gradient differs from the
+# 1-rank one by the order of its sums (1e-7 relative, as in float32), and a 16-bit run then
+# rounds it to the format. Rounding is discontinuous: wherever the two straddle a rounding
+# boundary they land one unit roundoff u apart (fp16 2^-11, bf16 2^-8 relative). AdamW turns
+# such a flip of g into a change of (1 - beta1) u |g| in m, divided by sqrt(v) >= sqrt(1 - beta2)
+# |g| and carried ~1 / (1 - beta1) steps: about lr u / sqrt(1 - beta2) in the weight (6.6e-6
+# fp16, 5.2e-5 bf16 at lr 3e-3). The tolerance is 4 such flips of one weight: 2.6e-5 (fp16;
+# measured 1.05e-5) and 2.1e-4 (bf16; measured 5.9e-5). A wrong step (a rank that skips alone, a
+# gradient not averaged, a missing refresh) moves weights by ~lr = 3e-3, 14x the wider one.
+LR = 3e-3
+MASTER_ATOL = {fmt: 4 * LR * u / np.sqrt(1 - 0.95) for fmt, u in (("fp16", 2.0 ** -11), ("bf16", 2.0 ** -8))}
+AMP_FLAGS = {"bf16": ["--dtype", "float32", "--amp", "bf16"],
+             # a first scale of 2^24 overflows: skips, halvings and growths (every 3 clean steps) in 20 steps
+             "fp16": ["--dtype", "float32", "--amp", "fp16", "--loss-scale-init", 2 ** 24, "--loss-scale-window", 3]}
+
+
+def _round(w, fmt):
+    from kernels._formats import round_to_format
+
+    return round_to_format(w.astype(np.float32), fmt).astype(np.float64)
+
+
+def assert_amp_equal(ref_dir, out, fmt, what):
+    ref, _ = result(ref_dir)
+    r, w = result(out)
+    ref_m, m = np.load(Path(ref_dir) / "masters.npy"), np.load(Path(out) / "masters.npy")
+    np.testing.assert_allclose(r["losses"], ref["losses"][-len(r["losses"]):], rtol=1e-5, err_msg=what)
+    np.testing.assert_allclose(m, ref_m, rtol=0, atol=MASTER_ATOL[fmt], err_msg=what)
+    np.testing.assert_array_equal(w, _round(m, fmt), err_msg=f"{what}: the working copy is the masters rounded")
+    views = np.array(r["rank_views"])
+    assert (views == views[0]).all(), f"{what}: ranks disagree (weights checksums, loss scale, skips): {views}"
+    assert r["scaler"] == ref["scaler"], what
+
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_mixed_precision_equal_at_1_2_3_ranks_every_stage(fmt, tmp_path):
+    run(1, tmp_path / "ref", *AMP_FLAGS[fmt])
+    ref, _ = result(tmp_path / "ref")
+    if fmt == "fp16":
+        assert ref["scaler"]["skipped"] >= 3 and ref["scaler"]["grown"] >= 2, ref["scaler"]
+    for n, zero in ((2, 0), (2, 1), (2, 2), (2, 3), (3, 3)):
+        run(n, tmp_path / f"n{n}z{zero}", "--zero", zero, *AMP_FLAGS[fmt])
+        assert_amp_equal(tmp_path / "ref", tmp_path / f"n{n}z{zero}", fmt, f"{fmt}, {n} ranks, zero={zero}")
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_bf16_without_masters_equal_at_2_and_3_ranks(tmp_path):
+    # stochastic rounding at each element's position in the whole buffer: the same random stream as
+    # one process, so the weights (bf16 values, no master) differ in few places, by about one bf16
+    # step of the weight (where the two fp32 results straddle the random threshold) or a flip's worth
+    flags = [*AMP_FLAGS["bf16"], "--no-master"]
+    run(1, tmp_path / "ref", *flags)
+    ref, ref_w = result(tmp_path / "ref")
+    for n, zero in ((2, 2), (3, 3)):
+        run(n, tmp_path / f"n{n}", "--zero", zero, *flags)
+        r, w = result(tmp_path / f"n{n}")
+        np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
+        assert np.array_equal(w, _round(w, "bf16"))
+        np.testing.assert_allclose(w, ref_w, rtol=2.0 ** -7, atol=MASTER_ATOL["bf16"])  # a step of w, or a flip
+        assert np.mean(w != ref_w) < 0.1
+        views = np.array(r["rank_views"])
+        assert (views == views[0]).all()
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    # one element's gradient overflows on one rank only, and after the reduction it lies in rank 0's
+    # shard: a rank deciding from its own shard would step while rank 0 skips (the ranks then
+    # diverge, or hang at mismatched collectives: the run fails either way)
+    flags = ["--dtype", "float32", "--amp", "fp16", "--overflow-at", 5]
+    run(1, tmp_path / "ref", *flags)
+    ref, _ = result(tmp_path / "ref")
+    assert ref["scaler"]["skipped"] == 1 and ref["scaler"]["scale"] == 2.0 ** 15  # that step alone, from 2^16
+    logged = [json.loads(x) for x in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in logged if r["step"] in (5, 6)] == [0, 1]
+    for n, zero, who in ((2, 1, 1), (3, 3, 2)):
+        out = tmp_path / f"n{n}z{zero}"
+        run(n, out, "--zero", zero, *flags, "--overflow-rank", who)
+        assert_amp_equal(tmp_path / "ref", out, "fp16", f"{n} ranks, zero={zero}, overflow on rank {who}")
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_fp16_resume_a_2_rank_zero2_checkpoint_on_1_and_3_ranks(tmp_path):
+    # the scaler (skips, growth) and the sharded fp32 masters cross the resume, at another rank count and stage
+    import shutil
+
+    run(1, tmp_path / "ref", *AMP_FLAGS["fp16"])
+    run(2, tmp_path / "ck", "--zero", 2, "--stop-at", 10, *AMP_FLAGS["fp16"])
+    for n, zero in ((1, 0), (3, 3)):
+        d = tmp_path / f"resume{n}z{zero}"
+        shutil.copytree(tmp_path / "ck", d, symlinks=True)
+        run(n, d, "--zero", zero, "--resume", *AMP_FLAGS["fp16"])
+        r, _ = result(d)
+        assert r["steps"] == 20 and len(r["losses"]) == 10
+        assert_amp_equal(tmp_path / "ref", d, "fp16", f"resumed on {n} ranks, zero={zero}")
 
 
 # ---- faults: every rank ends, with a message naming the rank -----------------------------------------

@@ -7,6 +7,11 @@
                   -> the scaler decides: apply the step, or skip it and halve S
     checkpoints:  the fp32 masters as the model's weights and in the optimizer state, and the
                   scaler's state in state.json (key "amp"), so a resume is exact
+
+On several ranks (a communicator): the ZeroOptimizer holds the fp32 masters, sharded as its
+moments are, and does the same three things on its own range of the reduced gradients
+(tinylm/distributed/zero.py, "Mixed precision"); the gradient norm and the found-inf flag are
+all-reduced, so every rank's scaler takes the same decision and the scalers stay equal.
 """
 from __future__ import annotations
 
@@ -14,14 +19,19 @@ from tinylm.amp.policy import Policy
 from tinylm.amp.scaler import LossScaler
 
 
-def setup(store, cfg, comm=None):
-    """(policy, scaler or None) for a run's config; switches ``store`` to the run's format."""
+def setup(store, cfg, comm=None, opt=None):
+    """(policy, scaler or None) for a run's config; switches ``store`` (one process) or the
+    data-parallel optimizer ``opt`` (with ``comm``: its masters are sharded) to the format."""
     policy = Policy(getattr(cfg, "dtype", "fp32"), bool(getattr(cfg, "master_weights", True)))
     if not policy.mixed:
         return policy, None
+    seed = int(getattr(cfg, "seed", 0))
     if comm is not None:
-        raise NotImplementedError(f"dtype={policy.dtype} with data-parallel training is not implemented yet")
-    store.set_format(policy.dtype, master=policy.master_weights, seed=int(getattr(cfg, "seed", 0)))
+        if opt is None or not hasattr(opt, "set_format"):
+            raise TypeError(f"dtype={policy.dtype} on several ranks needs the data-parallel optimizer (opt=)")
+        opt.set_format(policy.dtype, master=policy.master_weights, seed=seed)
+    else:
+        store.set_format(policy.dtype, master=policy.master_weights, seed=seed)
     scaler = None
     if policy.needs_scaler:
         init = float(getattr(cfg, "loss_scale_init", 2.0 ** 16))
@@ -33,7 +43,8 @@ def setup(store, cfg, comm=None):
 def grads_ready(store, scaler, max_norm: float) -> tuple[float, bool]:
     """After backward: (gradient norm, apply the step?). The gradients are rounded to the
     store's format, then unscaled and clipped in fp32; with a scaler, a non-finite gradient
-    means: skip this step, and the scaler halves its scale."""
+    means: skip this step, and the scaler halves its scale. ``store``: the ParamStore, or on
+    several ranks the ZeroOptimizer (the same three methods, over ranks)."""
     store.round_grads()
     if scaler is None:
         return store.clip_grad_norm(max_norm), True

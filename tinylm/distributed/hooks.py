@@ -46,8 +46,9 @@ def save_distributed(trainer):
             meta = trainer.state()
             meta["world_size"] = comm.size
             meta["zero"] = opt.stage
-            path = save_checkpoint(trainer.ckpt_link, trainer.model, _Gathered(state), meta, trainer.tokenizer,
-                                   keep=getattr(trainer.cfg, "keep_checkpoints", 1))
+            with opt.masters_as_weights(state):  # [amp #13] a 16-bit run's checkpoint holds the fp32 masters
+                path = save_checkpoint(trainer.ckpt_link, trainer.model, _Gathered(state), meta, trainer.tokenizer,
+                                       keep=getattr(trainer.cfg, "keep_checkpoints", 1))
     comm.barrier("checkpoint barrier")
     return path
 

@@ -39,6 +39,21 @@ everything.
 Checkpoints hold the consolidated state (``state_dict()`` gathers it to rank 0) in the
 single-process format, so a run resumes at any number of ranks and any stage.
 
+Mixed precision (``set_format``, tinylm/amp/policy.py; the training loop calls it for dtype
+bf16/fp16). As in one process, the parameters are float32 arrays holding values of the format
+(the working copy) and the fp32 masters are a separate buffer, here sharded like the moments:
+each rank keeps the masters of its own range only (none whole anywhere, so stages 1-3 keep
+their 4 + 12/N, 2 + 14/N, 16/N), updates them, rounds them into its range of the working copy,
+and the all-gather spreads that. Gradients are reduced in fp32 and rounded to the format after
+the reduction, on each rank's own range: the engine's gradients are fp32 arrays in any case,
+and rounding does not commute with a sum, so only rounding the reduced gradient (as one process
+rounds its whole-batch gradient) makes N ranks compute what one does; a 16-bit reduction would
+halve the bytes sent (what DeepSpeed and FSDP's reduce_dtype do) and give up that equality.
+The fp16 overflow check is global: one all-reduce carries each rank's sum of squares and its
+found-inf flag, so every rank takes the same decision (step, or skip and halve the scale).
+Without masters (bf16, stochastic rounding) each rank rounds its range with the stream
+position of the whole buffer, so the rounding is the single process's.
+
 Leaves out: prefetching the next layer's gather in stage 3; overlapping the parameter all-gather
 of stages 1-2 with the next forward; bucket-size tuning.
 """
@@ -54,6 +69,12 @@ import kernels
 from tinylm.distributed.ddp import Bucket, backward_with_hooks, make_buckets
 from tinylm.distributed.shard import Layout
 from tinylm.tensor import Function, Tensor, is_grad_enabled, no_grad
+
+
+def _round(x, fmt, out, seed=None):
+    from kernels._formats import round_to_format  # noqa: PLC0415 (Numba: only a 16-bit run needs it)
+
+    return round_to_format(x, fmt, out=out, seed=seed)
 
 
 def _placeholder(shape, dtype):
@@ -84,6 +105,7 @@ class ZeroOptimizer:
         self.finished = True
         self.model = model
         self.rng = getattr(model, "dropout_rng", None)
+        self.fmt, self.sr_seed = "fp32", 0  # [amp #13] set_format: the working copy's format
         # ---- AdamW state over this rank's range ------------------------------------------------
         self.m, self.v, self.master = [], [], []
         for g, L in zip(store.groups, self.layouts):
@@ -350,15 +372,134 @@ class ZeroOptimizer:
                 kernels.get("adamw_update", p)(p, gr, m, v, lr, b1, b2, self.eps, g.weight_decay, self.step_count)
             else:
                 w = mst[:n]
-                kernels.get("adamw_update", w)(w, gr.astype(w.dtype), m, v, lr, b1, b2, self.eps, g.weight_decay,
-                                               self.step_count)
-                p[...] = w
-        if self.stage in (1, 2):
-            hs = []
-            for gi, g in enumerate(self.store.groups):
-                counts, displs = self.split_layouts[gi].split(0, self.sizes[gi])
-                hs.append(self.comm.iallgather_inplace(g.p, counts, displs, f"parameter all-gather (group {gi})"))
-            self.comm.wait(hs)
+                kernels.get("adamw_update", w)(w, gr if gr.dtype == w.dtype else gr.astype(w.dtype), m, v, lr, b1,
+                                               b2, self.eps, g.weight_decay, self.step_count)
+                if self.fmt == "fp32":
+                    p[...] = w  # lower-precision parameter storage: the cast rounds
+                else:
+                    _round(w, self.fmt, out=p)  # [amp #13] the working copy of this rank's range
+        if self.fmt == "bf16" and self.master[0] is None:
+            self._round_stochastic(self.step_count)  # [amp #13] bf16 without masters
+        self._allgather_params()
+
+    def _allgather_params(self) -> None:
+        """Stages 1-2: every rank's updated range of the parameters to every rank."""
+        if self.stage not in (1, 2):
+            return
+        hs = []
+        for gi, g in enumerate(self.store.groups):
+            counts, displs = self.split_layouts[gi].split(0, self.sizes[gi])
+            hs.append(self.comm.iallgather_inplace(g.p, counts, displs, f"parameter all-gather (group {gi})"))
+        self.comm.wait(hs)
+
+    # ---- mixed precision over ranks [amp #13] --------------------------------------------------
+    def set_format(self, fmt: str, master: bool = True, seed: int = 0) -> None:
+        """Hold the weights in ``fmt`` (ParamStore.set_format's contract, sharded): with
+        ``master``, fp32 masters of this rank's range start from the weights and the working
+        copy is their rounding; without (bf16 only), the weights are rounded to bf16 and updated
+        with stochastic rounding from a stream seeded by ``seed`` and the step. Every rank calls
+        it (stages 1-2 all-gather the rounded weights)."""
+        if fmt not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown format {fmt!r}: expected fp32, bf16 or fp16")
+        if fmt == "fp32":
+            return
+        if any(np.dtype(self._own(gi)[0].dtype) != np.float32 for gi in range(len(self.layouts))):
+            raise TypeError("mixed precision needs float32 parameters")
+        if not master and fmt != "bf16":
+            raise ValueError("weights without a master copy are for bf16 only (stochastic rounding)")
+        self.fmt, self.sr_seed = fmt, int(seed)
+        for gi, L in enumerate(self.layouts):
+            if master:
+                lo, hi = L.owned()
+                mst = np.zeros(L.size, dtype=np.float32)
+                mst[: hi - lo] = self._own(gi)[0]
+                self.master[gi] = mst
+            else:
+                self.master[gi] = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """The working copy from the masters (round to nearest even), or without masters the
+        weights rounded in place; then whole again on every rank (stages 1-2)."""
+        if self.fmt == "fp32":
+            return
+        for gi in range(len(self.layouts)):
+            p = self._own(gi)[0]
+            mst = self.master[gi]
+            _round(p if mst is None else mst[: p.size], self.fmt, out=p)
+        self._allgather_params()
+
+    def _round_stochastic(self, step: int) -> None:
+        """bf16 without masters, after AdamW's fp32 update of this rank's range: round it to
+        bf16 stochastically with ParamStore.after_update's seed, at the positions it has in the
+        whole buffer (the random stream is indexed from the buffer's start)."""
+        for gi, g in enumerate(self.store.groups):
+            seed = (self.sr_seed * 1_000_003 + step * 7919 + gi) & 0xFFFFFFFF
+            if self.stage <= 2:  # the rest of g.p holds bf16 values, which the rounding leaves as they are
+                _round(g.p, "bf16", out=g.p, seed=seed)
+            else:  # stage 3 holds only its range: a temporary from the buffer's start to its end
+                lo, hi = self.layouts[gi].owned()
+                tmp = np.zeros(hi, dtype=np.float32)
+                tmp[lo:hi] = self.shard_p[gi][: hi - lo]
+                _round(tmp, "bf16", out=tmp, seed=seed)
+                self.shard_p[gi][: hi - lo] = tmp[lo:hi]
+
+    def round_grads(self) -> None:
+        """The reduced gradients of this rank's range rounded to the format, as 16-bit gradient
+        storage would hold them (fp16: beyond 65504 -> inf)."""
+        self._finish()
+        if self.fmt == "fp32":
+            return
+        for gi in range(len(self.layouts)):
+            gr = self._own(gi)[1]
+            _round(gr, self.fmt, out=gr)
+
+    def unscale_clip(self, inv_scale: float, max_norm: float) -> tuple[float, bool]:
+        """ParamStore.unscale_clip over ranks: the gradients times ``inv_scale``, clipped to
+        ``max_norm``; (norm, every gradient on every rank finite). One all-reduce carries the
+        sums of squares and the found-inf flags, so all ranks agree on skipping a step."""
+        self._finish()
+        sq = 0.0
+        for gi in range(len(self.layouts)):
+            gr = self._own(gi)[1]
+            if gr.size:
+                sq += float(kernels.get("sumsq", gr)(gr))
+        found_inf = 0.0 if math.isfinite(sq) else 1.0
+        # stage 0: every rank holds the whole reduced gradient, so its sum is already global
+        tot = self.comm.allreduce([sq if self.stage >= 1 else 0.0, found_inf], "gradient norm and found-inf flag")
+        if self.stage >= 1:
+            sq = float(tot[0])
+        norm = math.sqrt(sq) * inv_scale if tot[1] == 0 else float("inf")
+        if not math.isfinite(norm):
+            return norm, False
+        factor = inv_scale
+        if max_norm > 0 and norm > max_norm:
+            factor *= max_norm / (norm + 1e-6)
+        if factor != 1.0:
+            for gi in range(len(self.layouts)):
+                gr = self._own(gi)[1]
+                gr *= gr.dtype.type(factor)
+        return norm, True
+
+    @contextlib.contextmanager
+    def masters_as_weights(self, state: dict):
+        """On the rank holding ``state`` (a state_dict gathered to it): inside, the parameters
+        hold the fp32 masters, so a checkpoint's model weights are full precision as in one
+        process; after, the working copy again."""
+        keep = []
+        try:
+            if self.fmt != "fp32":
+                for gi, g in enumerate(self.store.groups):
+                    full = state.get(f"group{gi}.master")
+                    if full is None:
+                        continue
+                    for p, off in zip(g.params, g.offsets):
+                        keep.append((p, p.data.copy()))
+                        p.data[...] = full[off: off + p.size].reshape(p.shape)
+            yield
+        finally:
+            for p, old in keep:
+                p.data[...] = old
 
     # ---- state for checkpoints: consolidated, the single-process AdamW's format ---------------
     def _gather_full(self, gi, buf):
@@ -405,6 +546,7 @@ class ZeroOptimizer:
         if "step" not in state:
             raise KeyError("optimizer state lacks 'step'")
         self.step_count = int(np.asarray(state["step"]).reshape(-1)[0])
+        self._refresh()  # [amp #13] the working copy from the restored masters
 
     # ---- whole weights on demand --------------------------------------------------------------------
     @contextlib.contextmanager

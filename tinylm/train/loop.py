@@ -120,7 +120,7 @@ class Trainer:
                                      bucket_mb=getattr(cfg, "bucket_mb", 4.0), model=model)
         self.schedule = Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         # [amp #13] cfg.dtype bf16/fp16: the store keeps fp32 masters beside the working copy; fp16 a loss scaler
-        self.policy, self.scaler = amp_train.setup(self.store, cfg, comm)
+        self.policy, self.scaler = amp_train.setup(self.store, cfg, comm, self.opt)  # [distributed #14] opt: sharded masters
         self.step, self.history, self.skipped = 0, [], 0
         self.ckpt_link = self.out / "checkpoint"
         self.last_saved = None
@@ -247,7 +247,9 @@ class Trainer:
                             f"loss became {loss_sum} at step {self.step}; stopping. The last good checkpoint "
                             f"({self.ckpt_link}, {kept}) is kept; try a lower lr (now {cfg.lr}) or more warmup_steps.")
                     if self.policy.mixed:  # [amp #13] grads rounded to the format, unscaled, clipped; fp16 overflow: skip
-                        norm, apply = amp_train.grads_ready(self.store, self.scaler, cfg.grad_clip)
+                        # [distributed #14] on ranks the optimizer rounds, unscales and clips its range; one agreed decision
+                        norm, apply = amp_train.grads_ready(self.store if self.comm is None else self.opt, self.scaler,
+                                                            cfg.grad_clip)
                     else:
                         norm, apply = self.opt.clip_grad_norm(cfg.grad_clip), True
                     if apply:
