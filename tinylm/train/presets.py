@@ -65,7 +65,7 @@ def non_embedding_params(n_layer: int, n_embd: int) -> int:
     return n_layer * (12 * n_embd * n_embd + 13 * n_embd)
 
 
-def measure(cfg, vocab_size: int, seconds: float = MEASURE_S, warmup: int = WARMUP_STEPS) -> float:
+def measure(cfg, vocab_size: int, seconds: float | None = None, warmup: int = WARMUP_STEPS) -> float:
     """Tokens/s of full training steps of ``cfg``'s model on random tokens: after ``warmup``
     steps, as many steps as fit in ``seconds`` (at least ``TIMED_STEPS``), total tokens over
     total time, so a burst of someone else's load is averaged in rather than dodged."""
@@ -87,6 +87,7 @@ def measure(cfg, vocab_size: int, seconds: float = MEASURE_S, warmup: int = WARM
 
     for _ in range(warmup):
         step()
+    seconds = MEASURE_S if seconds is None else seconds
     n, t0 = 0, time.perf_counter()
     while n < TIMED_STEPS or time.perf_counter() - t0 < seconds:
         step()
@@ -94,7 +95,7 @@ def measure(cfg, vocab_size: int, seconds: float = MEASURE_S, warmup: int = WARM
     return n * cfg.batch_size * cfg.block_size / (time.perf_counter() - t0)
 
 
-def plan(cfg, name: str, vocab_size: int, given: set, elapsed_s: float = 0.0, measure_fn=measure,
+def plan(cfg, name: str, vocab_size: int, given: set, elapsed_s: float = 0.0, measure_fn=None,
          log=print) -> tuple[object, dict]:
     """The config a preset run uses and a record of how it was chosen.
 
@@ -106,6 +107,7 @@ def plan(cfg, name: str, vocab_size: int, given: set, elapsed_s: float = 0.0, me
     budget_s = PRESETS[name] * 60.0
     if "time_budget" in given and cfg.time_budget > 0:
         budget_s = cfg.time_budget * 60.0
+    measure_fn = measure_fn or measure
     t0 = time.perf_counter()
     fixed_shape = any(k in given for k in SHAPE_KEYS)
     if "batch_size" not in given:
@@ -132,7 +134,7 @@ def plan(cfg, name: str, vocab_size: int, given: set, elapsed_s: float = 0.0, me
             break
     c, tps = chosen
     spent = elapsed_s + (time.perf_counter() - t0)
-    left = max(budget_s - spent, 60.0) * (1.0 - MARGIN)
+    left = max(budget_s - spent, 1.0) * (1.0 - MARGIN)
     steps = max(int(left * tps / (c.batch_size * c.block_size * c.grad_accum)), 1)
     changes = {}
     if "max_steps" not in given:
@@ -142,7 +144,7 @@ def plan(cfg, name: str, vocab_size: int, given: set, elapsed_s: float = 0.0, me
     if "eval_interval" not in given:
         changes["eval_interval"] = max(changes.get("max_steps", c.max_steps) // 20, 1)
     # the trainer's clock starts after this: what is left of the whole budget
-    changes["time_budget"] = round(max(budget_s - spent, 60.0) / 60.0, 2)
+    changes["time_budget"] = round(max(budget_s - spent, 1.0) / 60.0, 3)
     c = replace(c, **changes)
     record = {"preset": name, "budget_min": budget_s / 60.0, "tokens_per_param": TOKENS_PER_PARAM,
               "measured": tried, "chosen": {k: getattr(c, k) for k in (*SHAPE_KEYS, "batch_size", "lr", "min_lr",
