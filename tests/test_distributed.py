@@ -377,3 +377,89 @@ def test_prepare_at_2_ranks_writes_the_shards_of_1(tmp_path):
         m["report"].pop("seconds"), m["report"].pop("mb_per_s")
     assert ma == mb
     assert ma["report"]["dedup"]["exact_duplicates"] == 8 and ma["report"]["dedup"]["near_duplicates"] > 0
+
+
+# ---- post-training over ranks: tinylm sft / dpo --nproc N ----------------------------------------------
+# The same tolerances as the float32 runs above (1e-5 relative; weights 1e-5 of the largest), at the
+# same lr of 3e-3: in float32 the N-rank gradient is the 1-rank one up to the order of its sums. (The
+# attention's key bias has an exactly-zero true gradient; AdamW normalises its rounding noise to steps
+# of ~lr, so its weights differ by up to ~lr x 1e-4 at any rank count: 6e-7 here, 2e-5 at lr 1e-2.)
+POST = ["--max-steps", 12, "--no-progress", "lr=3e-3", "min_lr=3e-4", "warmup_steps=2", "eval_interval=6",
+        "log_interval=1", "task_eval=0", "eval_init=false", "grad_accum=2"]
+
+
+def _cli(*args, timeout=300):
+    p = subprocess.run([sys.executable, "-m", "tinylm.cli", *map(str, args)], env=ENV, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _post_log(d):
+    recs = [json.loads(x) for x in (Path(d) / "log.jsonl").read_text().splitlines()]
+    return ([r["loss"] for r in recs if "loss" in r], [r["val_loss"] for r in recs if "val_loss" in r], recs)
+
+
+def _assert_same_stage(one, two, what):
+    from safetensors.numpy import load_file
+
+    la, va, ra = _post_log(one)
+    lb, vb, rb = _post_log(two)
+    assert len(la) == len(lb) == 12 and len(va) == len(vb) == 2, what
+    np.testing.assert_allclose(lb, la, rtol=1e-5, err_msg=what)
+    np.testing.assert_allclose(vb, va, rtol=1e-5, err_msg=what)
+    wa, wb = load_file(str(Path(one) / "checkpoint" / "model.safetensors")), load_file(
+        str(Path(two) / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    top = max(float(np.abs(a).max()) for a in wa.values())
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-5, atol=1e-5 * top, err_msg=f"{what}: {k}")
+    return ra, rb
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_sft_at_2_ranks_is_sft_at_1(tmp_path):
+    # rows pack different numbers of conversations, so the ranks hold different numbers of trained tokens:
+    # a plain average of the ranks' token means would differ from one process's mean (TokenShare)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_posttrain_sft import random_user_data, write_ckpt
+
+    write_ckpt(tmp_path / "init")
+    random_user_data(tmp_path / "d.jsonl")
+    common = ["--init", tmp_path / "init", "--data", tmp_path / "d.jsonl", *POST]
+    _cli("sft", "--out", tmp_path / "one", *common, "batch_size=8")
+    for zero in (0, 3):
+        _cli("sft", "--nproc", 2, "--zero", zero, "--out", tmp_path / f"two{zero}", *common, "batch_size=4")
+        ra, rb = _assert_same_stage(tmp_path / "one", tmp_path / f"two{zero}", f"sft, 2 ranks, zero={zero}")
+        assert [r["trained_tokens"] for r in ra if "loss" in r] == [r["trained_tokens"] for r in rb if "loss" in r]
+        state = json.loads((tmp_path / f"two{zero}" / "checkpoint" / "state.json").read_text())
+        assert state["world_size"] == 2 and state["train_config"]["batch_size"] == 4
+        assert not any(p.name.startswith("tmp") for p in (tmp_path / f"two{zero}").iterdir())
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_dpo_at_2_ranks_is_dpo_at_1(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_posttrain_sft import write_ckpt
+
+    write_ckpt(tmp_path / "init", chat_tokens=True)
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for _ in range(120):
+            u = "".join(rng.choice(list("abcdefghij"), int(rng.integers(6, 14))))
+            f.write(json.dumps({"prompt": u, "chosen": "OK", "rejected": u[:3]}) + "\n")
+    common = ["--init", tmp_path / "init", "--data", tmp_path / "p.jsonl", *POST]
+    _cli("dpo", "--out", tmp_path / "one", *common, "batch_size=8")
+    _cli("dpo", "--nproc", 2, "--zero", 2, "--out", tmp_path / "two", *common, "batch_size=4")
+    ra, rb = _assert_same_stage(tmp_path / "one", tmp_path / "two", "dpo, 2 ranks, zero=2")
+    np.testing.assert_allclose([r["reward_margin"] for r in rb if "loss" in r],
+                               [r["reward_margin"] for r in ra if "loss" in r], rtol=1e-4, atol=1e-7)
+    assert (tmp_path / "two" / "ref_logprobs.safetensors").is_file()
+
+
+def test_grpo_over_ranks_is_refused_with_a_message(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "tinylm.cli", "grpo", "--nproc", "2", "--init", str(tmp_path)],
+                       env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "tinylm grpo runs in one process only" in p.stderr, p.stderr[-2000:]

@@ -7,6 +7,7 @@ GRPOConfig), as ``key=value`` anywhere on the line, after ``--config FILE`` (TOM
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 _STAGES = {
@@ -36,6 +37,14 @@ def add_parser(sub) -> None:
         p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint exactly where it stopped")
         p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        # [distributed #14] data-parallel: SFT and DPO (tinylm/distributed/posttrain.py); GRPO is one process
+        p.add_argument("--nproc", type=int, metavar="N",
+                       help="data-parallel on N processes: re-runs this command under mpiexec -n N (the mpi "
+                            "extra); batch_size is per process" + (" (not for grpo: one process)" if name == "grpo"
+                                                                     else ""))
+        p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
+                       help="with several processes, the ZeRO stage: 1 shards the optimizer state, 2 also the "
+                            "gradients, 3 also the parameters (default 0)")
         p.set_defaults(func=_stage, stage=name)
 
     c = sub.add_parser("chat", help="chat with a checkpoint in the terminal",
@@ -59,11 +68,26 @@ def _stage(args: argparse.Namespace) -> int:
     from tinylm.config import from_layers  # noqa: PLC0415
     from tinylm.posttrain.stage import CONFIGS, run  # noqa: PLC0415
 
+    if getattr(args, "nproc", None) is not None:  # [distributed #14] re-run as N ranks under mpiexec
+        from tinylm.distributed.posttrain import GRPO_SINGLE  # noqa: PLC0415
+
+        if args.stage == "grpo" and args.nproc != 1:
+            raise ValueError(GRPO_SINGLE)
+        from tinylm.distributed.launch import relaunch_cli  # noqa: PLC0415
+
+        return relaunch_cli(args.nproc)
     flags = {"init": args.init, "data": args.data, "out_dir": args.out, "max_steps": args.max_steps,
              "progress": False if args.no_progress else None}
     cfg, sources = from_layers(CONFIGS[args.stage](), args.config, args.overrides, flags)
+    comm = _communicator(args, cfg)
     try:
-        result = run(args.stage, cfg, resume=args.resume, overwrite=args.overwrite, sources=sources)
+        if comm is not None:
+            from tinylm.distributed.posttrain import run_stage  # noqa: PLC0415
+
+            result = run_stage(args.stage, cfg, comm, zero=args.zero, resume=args.resume, overwrite=args.overwrite,
+                               sources=sources)
+        else:
+            result = run(args.stage, cfg, resume=args.resume, overwrite=args.overwrite, sources=sources)
     except FloatingPointError as e:
         print(f"tinylm {args.stage}: {e}", file=sys.stderr)
         return 3
@@ -72,6 +96,31 @@ def _stage(args: argparse.Namespace) -> int:
           f"{result['elapsed_s'] / 60:.1f} min{'; ' + how if how else ''}; skipped batches: "
           f"{result['skipped_batches']}; checkpoint: {result['checkpoint']}")
     return 130 if result["stopped"] == "interrupted" else 0
+
+
+def _communicator(args, cfg):
+    """[distributed #14] The ranks this stage runs on: under mpiexec, the job's communicator;
+    in one process, a single-process one when resuming a checkpoint written by several ranks
+    (so the global batch it was trained with carries over); else None (stage.run as always)."""
+    from tinylm.distributed import SingleProcess, world  # noqa: PLC0415
+
+    comm = world()
+    if comm is not None:
+        if args.stage == "grpo":
+            from tinylm.distributed.posttrain import GRPO_SINGLE  # noqa: PLC0415
+
+            raise ValueError(GRPO_SINGLE)
+        return comm
+    if args.resume and args.stage != "grpo":
+        from pathlib import Path  # noqa: PLC0415
+
+        try:
+            saved = json.loads((Path(cfg.out_dir) / "checkpoint" / "state.json").read_text())
+        except (OSError, ValueError):
+            return None  # stage.run says what is wrong with it
+        if int(saved.get("world_size", 1)) > 1:
+            return SingleProcess()
+    return None
 
 
 def _chat(args: argparse.Namespace) -> int:

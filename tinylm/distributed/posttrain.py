@@ -1,0 +1,314 @@
+"""``tinylm sft`` and ``tinylm dpo`` on several ranks (``--nproc N``, or under ``mpiexec -n N``).
+
+The same stage as tinylm/posttrain/stage.py's ``run`` (its settings, checks, model preparation,
+data readers, curves and held-out scoring are called from there), with what several ranks
+change:
+
+- ``batch_size`` is per rank, as in ``tinylm train``: each step's global batch of N x batch_size
+  rows (SFT) or pairs (DPO) is drawn by the one seeded epoch order, and rank r takes its
+  share (``RankShare``), so the global batches are the same at any number of ranks; a resume at
+  another rank count keeps the checkpoint's global batch (hooks.per_rank_batch).
+- SFT's loss is a mean over the batch's *trained tokens*, and ranks hold different numbers of
+  them: each rank's mean is weighted by N n_r / n (``TokenShare``; n_r its trained tokens, n
+  the global batch's, one small all-reduce per micro-batch), so the averaged gradient is the
+  gradient of the global batch's token mean, as on one rank. A plain average of the ranks'
+  means would weight a rank's tokens by how few its rows hold. DPO's loss is a mean over
+  pairs, equal in number on every rank: a plain average is right.
+- Validation: each rank scores its share of the held-out rows or pairs, and the sums (loss x
+  count, count) are all-reduced, so every rank gets the one-process number.
+- Files: rank 0 alone writes (the run directory's cleanup, OUT/init-merged, the reference
+  log-prob cache, the log, checkpoints, curves, eval.json); the others wait at barriers, read
+  what it wrote, and compute the rest themselves (the built-in task's pairs and reference
+  log-probs are deterministic).
+
+GRPO is refused on several ranks: its objective draws every prompt's sampling seed from one
+generator inside tinylm/posttrain/grpo.py, in batch order, so a rank holding part of the batch
+would draw other seeds than one process does; sharing it needs the global batch's seeds drawn
+on every rank, a change to that file.
+
+Why a driver here rather than a ``comm`` argument to stage.run: that file is being changed by
+another engineer as this is written; folding this in there (run(..., comm=None), the setups
+taking rank and world) would leave only RankShare, TokenShare and the shared validation here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from tinylm.train.objectives import Objective
+
+GRPO_SINGLE = ("tinylm grpo runs in one process only: its sampling seeds come from one generator in "
+               "batch order (tinylm/posttrain/grpo.py), which ranks holding parts of a batch cannot share yet; "
+               "run it without --nproc / mpiexec")
+
+
+class RankShare:
+    """A data source built for the global batch, serving this rank's share of each batch.
+    ``kind``: "rows" (a tuple of arrays, rows on axis 0: SFT's (x, y)) or "pairs" (DPO's dict:
+    x and y hold the P chosen rows, then the P rejected rows; ref is (P, 2))."""
+
+    def __init__(self, data, rank: int, world: int, kind: str):
+        self.data, self.rank, self.world, self.kind = data, rank, world, kind
+        self.tokens_per_batch = getattr(data, "tokens_per_batch", 0)  # the global batch's, as BatchSampler's
+
+    def _part(self, n: int) -> slice:
+        if n % self.world:
+            raise ValueError(f"a batch of {n} does not split over {self.world} ranks")
+        b = n // self.world
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def next(self):
+        batch = self.data.next()
+        if self.kind == "rows":
+            s = self._part(len(batch[0]))
+            return tuple(np.ascontiguousarray(a[s]) for a in batch)
+        P = len(batch["ref"])
+        s = self._part(P)
+        rows = np.r_[np.arange(P)[s], P + np.arange(P)[s]]
+        return {"x": np.ascontiguousarray(batch["x"][rows]), "y": np.ascontiguousarray(batch["y"][rows]),
+                "ref": np.ascontiguousarray(batch["ref"][s])}
+
+    def state(self):
+        return self.data.state()
+
+    def set_state(self, state):
+        self.data.set_state(state)
+
+    def __len__(self):
+        return len(self.data)
+
+
+class TokenShare(Objective):
+    """An objective whose loss is a mean over a count of units that differs between ranks
+    (``count(batch)``; SFT: trained tokens), weighted by N n_r / n so that averaging the ranks'
+    gradients gives the gradient of the global mean. Reports the global count as ``metric``."""
+
+    def __init__(self, inner, comm, count, metric: str = "trained_tokens"):
+        self.inner, self.comm, self.count, self.metric = inner, comm, count, metric
+        self.name = inner.name
+
+    def loss(self, model, batch):
+        n_r = float(self.count(batch))
+        n = float(self.comm.allreduce([n_r], "trained tokens of the global batch")[0])
+        loss, metrics = self.inner.loss(model, batch)
+        metrics = dict(metrics, **{self.metric: n})  # the same keys on every rank (global_step_stats sums them)
+        if loss is None or n_r == 0:
+            return None, metrics
+        w = self.comm.size * n_r / n
+        return (loss if w == 1.0 else loss * w), metrics
+
+    def state(self):
+        return self.inner.state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def _share(items, rank: int, world: int):
+    """Rank r's contiguous share of a list or array (shares differ by at most one item)."""
+    n = len(items)
+    return items[rank * n // world:(rank + 1) * n // world]
+
+
+def _global_mean(comm, value: float, count: float) -> float:
+    tot = comm.allreduce([value * count if count else 0.0, count], "validation over ranks")
+    return float(tot[0] / tot[1]) if tot[1] else float("nan")
+
+
+# ---- the stages' data, per rank --------------------------------------------------------------------
+def sft_setup(cfg, model, tok, chat, comm):
+    from tinylm.posttrain import stage, task  # noqa: PLC0415
+    from tinylm.posttrain.chat import IGNORE  # noqa: PLC0415
+    from tinylm.posttrain.data import Fit, SFTRows, chat_record, fixed_sft_batches  # noqa: PLC0415
+    from tinylm.posttrain.sft import SFT, evaluate_sft, sft_sequences  # noqa: PLC0415
+
+    if cfg.data:
+        train_c, val_c = stage._split(stage._read(cfg, chat_record), cfg.val_every)
+    else:
+        qs = task.questions("train", cfg.task_train + 200, seed=cfg.seed)
+        train_c = [task.chat_example(q)["messages"] for q in qs[:cfg.task_train]]
+        val_c = [task.chat_example(q)["messages"] for q in qs[cfg.task_train:]]
+    T = model.config.block_size
+    fit = Fit(T + 1, cfg.overflow)
+    train_s = sft_sequences(chat, train_c, fit)
+    val_s = sft_sequences(chat, val_c, Fit(T + 1, cfg.overflow))
+    print(f"SFT data: {len(train_s)} conversations for training, {len(val_s)} for validation; "
+          f"{fit.summary('conversations')}", flush=True)
+    pad = tok.eot_id if tok.eot_id is not None else chat.end_id
+    N, r = comm.size, comm.rank
+    data = RankShare(SFTRows(train_s, T, cfg.batch_size * N, cfg.seed, pad, cfg.packing), r, N, "rows")
+    # the one-process validation batches, each cut into the ranks' rows
+    val = [tuple(_share(a, r, N) for a in b) for b in fixed_sft_batches(val_s, T, cfg.batch_size * N, pad,
+                                                                          cfg.packing)]
+    val = [b for b in val if len(b[0])]
+
+    def evaluate(m):
+        n = float(sum(int((y != IGNORE).sum()) for _, y in val))
+        return _global_mean(comm, evaluate_sft(m, val) if n else 0.0, n)
+
+    count = lambda batch: int((batch[1] != IGNORE).sum())  # noqa: E731
+    return TokenShare(SFT(), comm, count), data, evaluate if val_s else None
+
+
+def dpo_setup(cfg, policy, tok, chat, out: Path, comm):
+    import contextlib  # noqa: PLC0415
+
+    from safetensors.numpy import load_file, save_file  # noqa: PLC0415
+
+    from tinylm.posttrain import stage  # noqa: PLC0415
+    from tinylm.posttrain.data import Fit, preference_record  # noqa: PLC0415
+    from tinylm.posttrain.dpo import DPO, PairBatches, evaluate_pairs, reference_logprobs, render_pairs  # noqa: PLC0415
+    from tinylm.posttrain.lora import LoRAModel, disabled  # noqa: PLC0415
+
+    recs = stage._read(cfg, preference_record) if cfg.data else stage.builtin_pairs(cfg, policy, tok, chat)
+    fit = Fit(policy.config.block_size + 1, cfg.overflow)
+    pairs = render_pairs(chat, recs, fit)
+    print(f"DPO data: {len(pairs)} pairs; {fit.summary('sequences')}", flush=True)
+    pad = tok.eot_id if tok.eot_id is not None else chat.end_id
+    cache = out / "ref_logprobs.safetensors"
+    key = stage._fingerprint(pairs, cfg)
+    ref = None
+    comm.barrier("reference cache")  # every rank reads the cache before rank 0 may rewrite it
+    if cache.is_file():
+        try:
+            d = load_file(str(cache))
+            if str(d["key"].tobytes().decode()) == key:
+                ref = d["ref"]
+        except Exception:  # noqa: BLE001 - a bad cache is recomputed
+            ref = None
+    comm.barrier("reference cache")
+    if ref is None:  # every rank computes the same numbers; rank 0 keeps them
+        ctx = disabled(policy) if isinstance(policy, LoRAModel) else contextlib.nullcontext(policy)
+        with ctx as m:
+            ref = reference_logprobs(m, pairs, pad, average=cfg.average_logprobs)
+        if comm.rank == 0:
+            save_file({"ref": ref, "key": np.frombuffer(key.encode(), dtype=np.uint8).copy()}, str(cache))
+        print(f"reference log-probs computed for {len(pairs)} pairs (cached in {cache})", flush=True)
+    else:
+        print(f"reference log-probs read from {cache}", flush=True)
+    tr, va = stage._split(list(range(len(pairs))), cfg.val_every)
+    N, r = comm.size, comm.rank
+    if len(tr) < cfg.batch_size * N:
+        raise ValueError(f"{len(tr)} training pairs, fewer than one global batch of {cfg.batch_size} x {N} ranks")
+    data = RankShare(PairBatches([pairs[i] for i in tr], ref[tr], cfg.batch_size * N, cfg.seed, pad), r, N, "pairs")
+    mine = _share(va, r, N)
+    vp, vr = [pairs[i] for i in mine], ref[mine]
+
+    def evaluate(m):
+        v = evaluate_pairs(m, vp, vr, cfg.beta, pad, cfg.average_logprobs) if vp else 0.0
+        return _global_mean(comm, v, float(len(vp)))
+
+    return DPO(cfg.beta, cfg.average_logprobs), data, evaluate if va else None
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwrite: bool = False,
+              sources: dict | None = None, max_steps: int | None = None) -> dict:
+    """stage.run on the ranks of ``comm`` (a SingleProcess communicator resumes a multi-rank
+    checkpoint in one process with its global batch). Every rank calls it."""
+    from tinylm.distributed.hooks import per_rank_batch  # noqa: PLC0415
+    from tinylm.posttrain import stage, task  # noqa: PLC0415
+    from tinylm.train.checkpoint import clean_stale, load_checkpoint  # noqa: PLC0415
+    from tinylm.train.loop import Trainer, cut_log  # noqa: PLC0415
+
+    if kind == "grpo":
+        raise ValueError(GRPO_SINGLE)
+    if kind not in ("sft", "dpo"):
+        raise ValueError(f"unknown stage {kind!r}")
+    rank, N = comm.rank, comm.size
+    main = rank == 0
+    out = Path(cfg.out_dir)
+    state, notes = None, []
+    if resume:
+        ckpt = out / "checkpoint"
+        if not (ckpt / "state.json").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {ckpt})")
+        state = load_checkpoint(ckpt)
+        if state.get("stage") != kind:
+            raise ValueError(f"--resume: {ckpt} is a {state.get('stage', 'pretraining')} checkpoint, not {kind}")
+        notes = per_rank_batch(cfg, state, sources, N)
+        cfg = stage._reconcile(cfg, state["train_config"], sources)
+    stage.check(cfg, sources, check_paths=not resume)
+    if zero == 3 and cfg.lora_rank:
+        raise ValueError("zero=3 shards parameters layer by layer; with LoRA only the adapters train: use zero 0-2")
+    out.mkdir(parents=True, exist_ok=True)
+    holds = (out / "checkpoint").exists() or (out / "log.jsonl").is_file()
+    comm.barrier("run directory")  # every rank has looked before rank 0 changes anything
+    if not resume and holds and not overwrite:
+        raise ValueError(f"{out} holds another run; pass --resume to continue it, --overwrite to replace it, "
+                         f"or --out DIR")
+    if main:
+        for line in clean_stale(out):
+            print(line, flush=True)
+        if not resume and holds:
+            import shutil  # noqa: PLC0415
+
+            link = out / "checkpoint"
+            if link.is_symlink() or link.is_file():
+                link.unlink()
+            for name in ("checkpoints", "init-merged"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in ("log.jsonl", "loss.png", "curves.png", "eval.json", "ref_logprobs.safetensors"):
+                (out / name).unlink(missing_ok=True)
+        for line in notes:
+            print(line, flush=True)
+    comm.barrier("run directory")
+    # rank 0 first: it may write OUT/init-merged, which the others then find and read
+    if main:
+        prepared = stage.prepare_model(cfg, out)
+    comm.barrier("model preparation on rank 0")
+    if not main:
+        prepared = stage.prepare_model(cfg, out)
+    policy, tok, chat, lora_meta, _ = prepared
+
+    results = {}
+    builtin = not cfg.data
+    if builtin and cfg.eval_init and cfg.task_eval and state is None:  # every rank: the same numbers
+        qs = task.questions("test", cfg.task_eval, seed=0)
+        policy.eval()
+        if kind == "sft":
+            res = task.accuracy(policy, tok, qs, mode="base")
+            results["init_prompted"] = res["accuracy"]
+            print(f"init model, few-shot REPL prompt: held-out accuracy {res['accuracy']:.1%} ({res['n']} questions)",
+                  flush=True)
+        res = task.accuracy(policy, tok, qs, mode="chat", chat=chat)
+        results["init_chat"] = res["accuracy"]
+        print(f"init model, chat prompt: held-out accuracy {res['accuracy']:.1%} ({res['n']} questions)", flush=True)
+        policy.train()
+
+    if kind == "sft":
+        obj, data, ev = sft_setup(cfg, policy, tok, chat, comm)
+    else:
+        obj, data, ev = dpo_setup(cfg, policy, tok, chat, out, comm)
+
+    def meta():
+        m = {"train_config": asdict(cfg), "stage": kind, "init": str(Path(cfg.init).resolve())}
+        if lora_meta is not None:
+            m["lora"] = lora_meta
+        return m
+
+    trainer = Trainer(policy, obj, data, cfg, out, tok, ev, meta, comm=comm, zero=zero)
+    if state is not None:
+        trainer.restore(state)
+        if main:
+            cut_log(out / "log.jsonl", trainer.step)
+    print(f"{kind}: {sum(trainer.opt.sizes):,} trainable parameters; {cfg.max_steps} steps of {cfg.batch_size} x "
+          f"{cfg.grad_accum} x {N} ranks (zero={zero})", flush=True)
+    summary = trainer.run(max_steps)
+    trainer.opt.materialize()  # whole weights on every rank: the held-out scoring samples from them
+    if main and (out / "log.jsonl").is_file():
+        stage.plot_curves(out / "log.jsonl", stage.CURVES[kind], out / "curves.png", f"tinylm {kind}")
+    if builtin and cfg.task_eval and summary["stopped"] != "interrupted":
+        policy.eval()
+        res = task.accuracy(policy, tok, task.questions("test", cfg.task_eval, seed=0), mode="chat", chat=chat)
+        results["final_chat"] = res["accuracy"]
+        print(f"after {kind}: held-out accuracy {res['accuracy']:.1%} ({res['n']} questions)", flush=True)
+        if main:
+            (out / "eval.json").write_text(json.dumps(dict(results, examples=res["examples"][:50]), indent=1))
+    summary["results"] = results
+    comm.barrier("end of the stage")
+    comm.done()
+    return summary
