@@ -1,5 +1,7 @@
 """Data parallelism and ZeRO: N ranks = 1 rank, resume across rank counts and stages, faults,
-prepare under MPI, and the per-rank memory of each stage against the ZeRO paper's formulas.
+prepare under MPI, and the per-rank memory of each stage against the ZeRO paper's formulas;
+the same for mixed precision (bf16, fp16 with an overflow forced on one rank) and for the
+post-training commands (sft, dpo) at 2 ranks.
 
 The multi-rank tests launch ``mpiexec -n 2/3`` (the mpich wheel's, next to this Python) on
 ``tinylm.distributed.selftest``; 3 ranks oversubscribe 2 cores, which MPICH allows.
