@@ -465,3 +465,30 @@ def test_grpo_over_ranks_is_refused_with_a_message(tmp_path):
     p = subprocess.run([sys.executable, "-m", "tinylm.cli", "grpo", "--nproc", "2", "--init", str(tmp_path)],
                        env=ENV, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "tinylm grpo runs in one process only" in p.stderr, p.stderr[-2000:]
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_a_2_rank_sft_checkpoint_resumes_in_one_process_with_its_global_batch(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_posttrain_sft import random_user_data, write_ckpt
+
+    write_ckpt(tmp_path / "init")
+    random_user_data(tmp_path / "d.jsonl")
+    common = ["--init", tmp_path / "init", "--data", tmp_path / "d.jsonl", *POST]
+    _cli("sft", "--out", tmp_path / "one", *common, "batch_size=8")
+    # 2 ranks, ZeRO 2, stopped at step 6 of 12 (run_stage's max_steps; the CLI has no early stop for a stage)
+    script = ("import sys; from tinylm.config import from_layers; from tinylm.distributed import world; "
+              "from tinylm.distributed.posttrain import run_stage; from tinylm.posttrain.stage import SFTConfig; "
+              "cfg, src = from_layers(SFTConfig(), None, sys.argv[4:], {'init': sys.argv[1], 'data': [sys.argv[2]], "
+              "'out_dir': sys.argv[3], 'max_steps': 12, 'progress': False}); "
+              "run_stage('sft', cfg, world(), zero=2, sources=src, max_steps=6)")
+    overrides = [x for x in map(str, POST) if "=" in x] + ["batch_size=4"]
+    p = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-c", script, str(tmp_path / "init"),
+                        str(tmp_path / "d.jsonl"), str(tmp_path / "half"), *overrides], env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "half" / "checkpoint" / "state.json").read_text())["step"] == 6
+    r = _cli("sft", "--resume", "--out", tmp_path / "half", "--init", tmp_path / "init", "--no-progress")
+    assert "batch_size 4 -> 8 per rank" in r.stdout, r.stdout[-2000:]
+    _assert_same_stage(tmp_path / "one", tmp_path / "half", "2-rank checkpoint resumed in one process")
