@@ -92,3 +92,63 @@ def test_a_preset_run_measures_plans_trains_and_records(tmp_path, monkeypatch, c
     assert state["train_config"]["vocab_size"] == 300  # given: kept over the preset's 4096
     assert result["steps"] >= 1 and result["elapsed_s"] < 0.4 * 60 + 15
     assert "preset hour:" in capsys.readouterr().out
+
+
+def test_replanner_stretches_the_schedule_to_the_speed_the_run_achieves(tmp_path):
+    """Planned at 1 step/s, the run does 2: at the first validation after warmup it is
+    stretched to what the time left allows; never before warmup, after half the schedule, or
+    when the plan already fits."""
+    from types import SimpleNamespace
+
+    from tinylm.optim import Schedule
+
+    rec = {"preset": "hour", "planned_steps_per_s": 1.0}
+    lines = []
+    replan = presets.replanner(rec, tmp_path, log=lines.append)
+    cfg = SimpleNamespace(time_budget=10.0)  # minutes, counted from the trainer's start
+
+    def trainer(step, end=540):
+        return SimpleNamespace(cfg=cfg, schedule=Schedule(1e-3, 1e-4, 10, end), step=step)
+
+    assert replan(trainer(5), 5.0, 4.0, 8) is None  # in warmup
+    assert replan(trainer(300), 150.0, 149.0, 298) is None  # past half of the schedule
+    assert replan(trainer(100, end=1200), 50.0, 49.0, 98) is None  # the plan fits (2 steps/s * 550 s)
+    reach = replan(trainer(100), 50.0, 49.0, 98)  # 2 steps/s, 550 s left, less the margin
+    assert reach == 100 + int(550 * (1 - presets.MARGIN) * 2.0)
+    assert rec["replans"] == [{"at_step": 100, "steps_per_s": 2.0, "from": 540, "to": reach}]
+    assert json.loads((tmp_path / "preset.json").read_text())["replans"] == rec["replans"]
+    assert "schedule stretched from 540" in lines[0]
+
+
+def test_trainer_follows_a_stretched_schedule_and_saves_it(tmp_path):
+    """The loop's replan hook: the schedule is extended from the lr reached, the run goes on to
+    the new end, and the checkpoint holds the new end (max_steps) and segment."""
+    from tinylm.train import train
+    from tinylm.train import pretrain
+
+    calls = []
+
+    real_trainer = pretrain.Trainer
+
+    def patched(*a, **k):
+        tr = real_trainer(*a, **k)
+
+        def replan(t, since_start, since_first, steps):
+            calls.append(t.step)
+            return 12 if t.step == 4 else None
+
+        tr.replan = replan
+        return tr
+
+    cfg = replace(TrainConfig(), out_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=32, block_size=16,
+                  corpus_mb=0.2, vocab_size=300, max_steps=8, warmup_steps=2, eval_interval=4, eval_batches=1,
+                  sample_tokens=0, progress=False, batch_size=4)
+    try:
+        pretrain.Trainer = patched
+        result = train(cfg)
+    finally:
+        pretrain.Trainer = real_trainer
+    assert calls[:2] == [4, 8] and result["steps"] == 12
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 12 and state["train_config"]["max_steps"] == 12
+    assert state["schedule"]["segments"][0][:2] == [4, 12]

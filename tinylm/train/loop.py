@@ -124,6 +124,9 @@ class Trainer:
         self.step, self.history, self.skipped = 0, [], 0
         self.ckpt_link = self.out / "checkpoint"
         self.last_saved = None
+        # replan(trainer, s_since_start, s_since_first_step, steps_since_first) -> a later last step
+        # or None, asked before each evaluation: the schedule is extended to it (tinylm/train/presets.py)
+        self.replan = None
 
     # ---- state ------------------------------------------------------------------------------
     def _rng(self):
@@ -207,6 +210,7 @@ class Trainer:
         from tqdm import tqdm  # noqa: PLC0415
 
         cfg = self.cfg
+        follow = stop_at is None  # the run ends with its schedule (which replan may lengthen)
         stop_at = self.schedule.end if stop_at is None else stop_at
         # [distributed #14] only rank 0 logs and shows progress
         log = open(self.out / "log.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")
@@ -282,6 +286,13 @@ class Trainer:
                         budget_spent, intr.requested = (bool(x) for x in self.comm.allreduce(
                             [budget_spent, intr.requested], "stop flags") > 0)
                     if self.step % cfg.eval_interval == 0 or self.step == stop_at or budget_spent or intr.requested:
+                        if self.replan is not None and follow and not (budget_spent or intr.requested) \
+                                and self.step < stop_at:
+                            now = time.perf_counter()
+                            new_end = self.replan(self, now - t_start, now - t_first, n_done - 1)
+                            if new_end is not None and new_end > self.schedule.end:
+                                self.schedule.extend(self.step, new_end)
+                                cfg.max_steps = stop_at = bar.total = new_end
                         last_val = self._validate(log, losses, bar) if self.evaluate else last_val
                         self.save()
                         self.plot()

@@ -14,9 +14,14 @@ model and the length of its schedule from *measured* speed, not from a table of 
    and the final sample (``MARGIN``), times the chosen shape's steps/s. The warmup is 2% of
    the steps and validation runs 20 times in the run.
 
-The budget is also set as ``time_budget``, so if the machine turns out slower than measured
-(another job starts, the laptop throttles) the run stops on time with a checkpoint, and
-``tinylm train --resume`` finishes the schedule. Everything the preset chose is printed and
+A measurement of a few seconds can be off: another job was running then and stopped, or
+starts later. So the plan is checked against the run itself: at each validation in the first
+half of the schedule (after warmup), the steps/s the run has achieved so far give the step it
+can reach in the time left, and when that is more than 2% beyond the schedule's end, the
+cosine is stretched to it (``Schedule.extend``, from the lr reached; said on a line and logged
+in ``preset.json``). The budget is also set as ``time_budget``, so if the machine turns out
+slower than measured (another job starts, the laptop throttles) the run stops on time with a
+checkpoint, and ``tinylm train --resume`` finishes the schedule. Everything the preset chose is printed and
 stored in the checkpoint's config, so a resumed run keeps it; the measurements go to
 ``OUT/preset.json``.
 
@@ -39,6 +44,7 @@ MARGIN = 0.02          # of the remaining time: validation, checkpoints, plots, 
 BATCH = 16             # sequences per step for every shape
 WARMUP_STEPS, TIMED_STEPS = 2, 4
 MEASURE_S = 8.0       # seconds of timed steps per shape
+REPLAN_MIN_STEPS = 20  # the run's own speed is trusted after this many steps
 
 # (n_layer, n_head, n_embd, block_size, lr), smallest first
 LADDER = (
@@ -150,11 +156,34 @@ def plan(cfg, name: str, vocab_size: int, given: set, elapsed_s: float = 0.0, me
               "measured": tried, "chosen": {k: getattr(c, k) for k in (*SHAPE_KEYS, "batch_size", "lr", "min_lr",
                                                                      "max_steps", "warmup_steps", "eval_interval",
                                                                      "time_budget")},
-              "planning_s": round(time.perf_counter() - t0, 1)}
+              "planning_s": round(time.perf_counter() - t0, 1),
+              "planned_steps_per_s": tps / (c.batch_size * c.block_size * c.grad_accum)}
     log(f"preset {name}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}; "
         f"{c.max_steps:,} steps of {c.batch_size * c.block_size * c.grad_accum:,} tokens, lr {c.lr:g}, "
         f"time budget {c.time_budget:g} min")
     return c, record
+
+
+def replanner(record: dict, out: Path, log=print):
+    """The Trainer's ``replan`` hook for a preset run (see the module docstring)."""
+
+    def replan(trainer, since_start: float, since_first: float, steps: int):
+        cfg, sched, step = trainer.cfg, trainer.schedule, trainer.step
+        if step < sched.warmup or step > sched.end / 2 or steps < REPLAN_MIN_STEPS or since_first <= 0 or cfg.time_budget <= 0:
+            return None
+        rate = steps / since_first
+        left = cfg.time_budget * 60.0 - since_start
+        reach = step + int(left * (1.0 - MARGIN) * rate)
+        if reach <= sched.end * 1.02:
+            return None
+        log(f"preset {record['preset']}: the run does {rate:.2f} steps/s (planned from "
+            f"{record['planned_steps_per_s']:.2f}); schedule stretched from {sched.end:,} to {reach:,} steps")
+        record.setdefault("replans", []).append({"at_step": step, "steps_per_s": round(rate, 3), "from": sched.end,
+                                                 "to": reach})
+        write_record(out, record)
+        return reach
+
+    return replan
 
 
 def write_record(out: Path, record: dict) -> None:

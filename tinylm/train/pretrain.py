@@ -276,6 +276,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     trainer = Trainer(model, NextToken(), sampler, cfg, out, data.tokenizer,
                       lambda m: mean_over_ranks(comm, evaluate(m, val_batches)), meta, data.bytes_per_token,
                       comm=comm, zero=getattr(cfg, "zero", 0))
+    if preset is not None:
+        trainer.replan = presets.replanner(record, out, log=lambda m: print(m, flush=True))
     if state is not None:
         trainer.restore(state)
         dropped = cut_log(out / "log.jsonl", trainer.step)
