@@ -372,3 +372,19 @@ def test_attention_variants_agree_and_loss_by_position_is_the_windows_mean():
                        "train_tokens_per_s": 10.0, "k": {"train_tokens_per_s": 1.0, "train_peak_mib": 2.0,
                                                          "infer_peak_mib": 3.0, "attention_peak_mib": 4.0}}], ("k",))
     assert table.count("\n") == 2 and "k train peak MiB" in table
+
+
+def test_list_options_take_spaces_or_commas():
+    """``--k 1 5``, ``--k 1,5`` and ``--k=1,5`` are the same; a bad item names itself."""
+    import argparse
+
+    from tinylm.eval import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_parser(p.add_subparsers())
+    for argv in (["--k", "1", "5"], ["--k=1,5"], ["--k", "1,", "5"]):
+        assert p.parse_args(["eval", "--task", "humaneval", *argv]).k == [1, 5]
+    a = p.parse_args(["eval", "--task", "syntax", "--temperatures=0.2,0.8", "--contexts", "256,512", "1024"])
+    assert a.temperatures == [0.2, 0.8] and a.contexts == [256, 512, 1024]
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--task", "humaneval", "--k=1,x"])

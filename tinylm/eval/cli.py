@@ -46,9 +46,9 @@ def add_parser(sub) -> None:
     g.add_argument("--limit", type=int, metavar="N", help="only the first N examples / problems")
     g = p.add_argument_group("humaneval, syntax, exact")
     g.add_argument("--n", type=int, default=1, metavar="N", help="samples per problem / prompt (default 1)")
-    g.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], metavar="K", help="pass@k to report")
+    g.add_argument("--k", type=_listed(int), nargs="+", action=_Flat, default=[1, 10, 100], metavar="K", help="pass@k to report")
     g.add_argument("--temperature", type=float, default=0.2, help="humaneval sampling temperature (0: greedy)")
-    g.add_argument("--temperatures", type=float, nargs="+", default=[0.2, 0.8, 1.0], help="syntax: temperatures")
+    g.add_argument("--temperatures", type=_listed(float), nargs="+", action=_Flat, default=[0.2, 0.8, 1.0], help="syntax: temperatures")
     g.add_argument("--top-p", type=float, default=0.95, help="humaneval nucleus sampling (default 0.95)")
     g.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens per completion (humaneval 256, syntax 128, exact 32)")
     g.add_argument("--workers", type=int, default=2, metavar="N", help="programs executed at once (default 2)")
@@ -62,11 +62,32 @@ def add_parser(sub) -> None:
     g.add_argument("--stop", nargs="*", metavar="S", help="exact: stop strings (default: a newline)")
     g = p.add_argument_group("context-study")
     g.add_argument("--out-dir", metavar="DIR", default="out/context-study", help="where runs, table and plots go")
-    g.add_argument("--contexts", type=int, nargs="+", metavar="T", help="contexts to train (default 256 512 1024)")
+    g.add_argument("--contexts", type=_listed(int), nargs="+", action=_Flat, metavar="T", help="contexts to train (default 256 512 1024)")
     g.add_argument("--steps", type=int, metavar="N", help="training steps per model")
     g.add_argument("--tokens-per-step", type=int, metavar="N", help="tokens per step, the same for every context")
     g.add_argument("--quick", action="store_true", help="a small setting that finishes in a few minutes")
     p.set_defaults(func=run)
+
+
+def _listed(kind):
+    """A list option's item type: ``--k 1 5``, ``--k 1,5`` and ``--k=1,5`` all give [1, 5]."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {kind.__name__} values separated by spaces or "
+                                             f"commas") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+class _Flat(argparse.Action):
+    """Joins the per-argument lists of a ``_listed`` option into one list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [x for part in values for x in part])
 
 
 def run(args: argparse.Namespace) -> int:
