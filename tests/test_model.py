@@ -183,3 +183,20 @@ def test_cosine_schedule():
     assert lrs[60] == pytest.approx(0.55)  # halfway through the decay
     assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
     assert all(x >= y for x, y in zip(lrs[9:], lrs[10:]))
+
+
+def test_nucleus_without_a_full_sort_equals_the_sorted_reference():
+    """top-p's mask from a partial selection equals the full stable sort's, ties included."""
+    from tinylm.generate import nucleus, nucleus_ref
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        V = int(rng.choice([5, 64, 300, 8192]))
+        logits = rng.normal(0, rng.choice([0.1, 1.0, 5.0]), (3, V))
+        if trial % 3 == 0:  # ties: values drawn from a few levels, and masked (-inf) tokens
+            logits = np.round(logits * 2) / 2
+            logits[:, rng.random(V) < 0.3] = -np.inf
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            np.testing.assert_array_equal(nucleus(p, top_p), nucleus_ref(p, top_p))

@@ -50,15 +50,47 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: flo
     p = np.exp(logits - logits.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1.0:
-        order = np.argsort(-p, axis=-1, kind="stable")
-        sp = np.take_along_axis(p, order, axis=-1)
-        keep_sorted = np.cumsum(sp, axis=-1) - sp < top_p  # keep while the mass before it < p
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        p = np.where(keep, p, 0.0)
+        p = np.where(nucleus(p, top_p), p, 0.0)
         p /= p.sum(axis=-1, keepdims=True)
     u = rng.random((p.shape[0], 1))
     return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), p.shape[-1] - 1)
+
+
+def nucleus_ref(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The tokens top-p keeps (B, V) bool: in order of probability (ties by index), each token
+    whose preceding mass is < top_p. The reference: a full sort of every row."""
+    order = np.argsort(-p, axis=-1, kind="stable")
+    sp = np.take_along_axis(p, order, axis=-1)
+    keep_sorted = np.cumsum(sp, axis=-1) - sp < top_p
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return keep
+
+
+def nucleus(p: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
+    """``nucleus_ref`` without sorting the vocabulary: the nucleus is usually a few dozen
+    tokens, so each row takes its ``m`` most likely (``argpartition``, O(V)), sorts those, and
+    doubles ``m`` until the tokens strictly more likely than the m-th already hold ``top_p``.
+    Then no other token can be kept (its preceding mass includes all of them), and every token
+    above the m-th has the same preceding mass as in the full sort: the result is identical."""
+    B, V = p.shape
+    keep = np.zeros(p.shape, dtype=bool)
+    for r in range(B):
+        row, m = p[r], min(first, V)
+        while True:
+            if m >= V:
+                keep[r] = nucleus_ref(row[None], top_p)[0]
+                break
+            cand = np.argpartition(-row, m - 1)[:m]
+            cand = cand[np.lexsort((cand, -row[cand]))]  # by probability, ties by index
+            pc = row[cand]
+            above = pc > pc[-1]
+            if pc[above].sum() >= top_p:
+                before = np.cumsum(pc) - pc
+                keep[r, cand[above & (before < top_p)]] = True
+                break
+            m *= 4
+    return keep
 
 
 def _last_logits(model, ids, cache, start):
