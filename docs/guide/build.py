@@ -75,6 +75,7 @@ class Chapter:
     title: str
     needs: list[str]
     parts: list  # str (markdown) or Block, in order
+    text: str = ""  # the file as parsed: the cache key is of this, not of a later edit
     result: dict = field(default_factory=dict)
     key: str = ""
 
@@ -120,7 +121,7 @@ def parse(path: Path, number: int) -> Chapter:
     if title is None:
         raise BuildError(f"{path.name}: no '# Title' line")
     name = re.sub(r"^\d+-", "", path.stem)
-    return Chapter(path, number, name, title, needs, parts)
+    return Chapter(path, number, name, title, needs, parts, text)
 
 
 def chapters(guide: Path = GUIDE) -> list[Chapter]:
@@ -159,7 +160,7 @@ def data_hash(guide: Path) -> str:
 
 def chapter_key(ch: Chapter, quick: bool, src: str, dep_keys: list[str]) -> str:
     h = hashlib.sha256()
-    for part in (ch.path.read_bytes(), b"quick" if quick else b"full", src.encode(), data_hash(ch.path.parent).encode(),
+    for part in (ch.text.encode("utf-8"), b"quick" if quick else b"full", src.encode(), data_hash(ch.path.parent).encode(),
                  (GUIDE / "build.py").read_bytes(), (GUIDE / "_runner.py").read_bytes(), *[k.encode() for k in dep_keys]):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:20]

@@ -308,22 +308,12 @@ class _Doc(BaseDocTemplate):
             self.notify("TOCEntry", (level, html.escape(text), self.page, key))
 
 
-def write_pdf(chs, out: Path, listing, rendered_parts, figure_numbers) -> Path:
-    from build import BuildError  # noqa: PLC0415
-
-    try:
-        return _write_pdf(chs, out, listing, rendered_parts, figure_numbers)
-    except PdfError as e:
-        raise BuildError(str(e)) from None
-
-
-def _write_pdf(chs, out: Path, listing, rendered_parts, figure_numbers) -> Path:
-    from build import BuildError, _md  # noqa: PLC0415
-
+def write_pdf(chs, out: Path, listing, rendered_parts, figure_numbers, md) -> Path:
+    """Writes OUT/guide.pdf (atomically); raises PdfError for a missing glyph or a line too wide.
+    ``rendered_parts`` and ``figure_numbers`` are build.py's; ``md`` its Markdown parser."""
     _register_fonts()
     st = _styles()
     glyphs = _GlyphCheck()
-    md = _md()
     story = [Spacer(1, 70 * mm), Paragraph("Build a Large Language Model from Scratch", st["title"]),
              Spacer(1, 8 * mm), Paragraph("with tinylm: every output and figure produced by running the code shown",
                                           st["subtitle"]), PageBreak()]
@@ -366,7 +356,7 @@ def _write_pdf(chs, out: Path, listing, rendered_parts, figure_numbers) -> Path:
         story.extend(_code_box(text, "python", st, glyphs, rel))
     if glyphs.missing:
         lines = [f"{k} (in {', '.join(sorted(v)[:3])})" for k, v in sorted(glyphs.missing.items())]
-        raise BuildError("characters with no glyph in the PDF's fonts:\n  " + "\n  ".join(lines))
+        raise PdfError("characters with no glyph in the PDF's fonts:\n  " + "\n  ".join(lines))
     path = out / "guide.pdf"
     tmp = out / "guide.pdf.tmp"
     doc = _Doc(tmp, title="Build a Large Language Model from Scratch", author="tinylm")
