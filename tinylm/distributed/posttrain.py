@@ -32,8 +32,6 @@ taking rank and world) would leave only RankShare, TokenShare and the shared val
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -210,8 +208,8 @@ def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwri
     """stage.run on the ranks of ``comm`` (a SingleProcess communicator resumes a multi-rank
     checkpoint in one process with its global batch). Every rank calls it."""
     from tinylm.distributed.hooks import per_rank_batch  # noqa: PLC0415
-    from tinylm.posttrain import stage, task  # noqa: PLC0415
-    from tinylm.train.checkpoint import clean_stale, load_checkpoint  # noqa: PLC0415
+    from tinylm.posttrain import stage  # noqa: PLC0415
+    from tinylm.train.checkpoint import clean_stale  # noqa: PLC0415
     from tinylm.train.loop import Trainer, cut_log  # noqa: PLC0415
 
     if kind == "grpo":
@@ -223,36 +221,22 @@ def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwri
     out = Path(cfg.out_dir)
     state, notes = None, []
     if resume:
-        ckpt = out / "checkpoint"
-        if not (ckpt / "state.json").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {ckpt})")
-        state = load_checkpoint(ckpt)
-        if state.get("stage") != kind:
-            raise ValueError(f"--resume: {ckpt} is a {state.get('stage', 'pretraining')} checkpoint, not {kind}")
+        state = stage.resume_state(out, kind)
         notes = per_rank_batch(cfg, state, sources, N)
         cfg = stage._reconcile(cfg, state["train_config"], sources)
     stage.check(cfg, sources, check_paths=not resume)
     if zero == 3 and cfg.lora_rank:
         raise ValueError("zero=3 shards parameters layer by layer; with LoRA only the adapters train: use zero 0-2")
     out.mkdir(parents=True, exist_ok=True)
-    holds = (out / "checkpoint").exists() or (out / "log.jsonl").is_file()
+    holds = stage.holds_run(out)
     comm.barrier("run directory")  # every rank has looked before rank 0 changes anything
     if not resume and holds and not overwrite:
-        raise ValueError(f"{out} holds another run; pass --resume to continue it, --overwrite to replace it, "
-                         f"or --out DIR")
+        raise stage.refuse_other_run(out)
     if main:
         for line in clean_stale(out):
             print(line, flush=True)
         if not resume and holds:
-            import shutil  # noqa: PLC0415
-
-            link = out / "checkpoint"
-            if link.is_symlink() or link.is_file():
-                link.unlink()
-            for name in ("checkpoints", "init-merged"):
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in ("log.jsonl", "loss.png", "curves.png", "eval.json", "ref_logprobs.safetensors"):
-                (out / name).unlink(missing_ok=True)
+            stage.clear_run(out)
         for line in notes:
             print(line, flush=True)
     comm.barrier("run directory")
@@ -267,30 +251,14 @@ def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwri
     results = {}
     builtin = not cfg.data
     if builtin and cfg.eval_init and cfg.task_eval and state is None:  # every rank: the same numbers
-        qs = task.questions("test", cfg.task_eval, seed=0)
-        policy.eval()
-        if kind == "sft":
-            res = task.accuracy(policy, tok, qs, mode="base")
-            results["init_prompted"] = res["accuracy"]
-            print(f"init model, few-shot REPL prompt: held-out accuracy {res['accuracy']:.1%} ({res['n']} questions)",
-                  flush=True)
-        res = task.accuracy(policy, tok, qs, mode="chat", chat=chat)
-        results["init_chat"] = res["accuracy"]
-        print(f"init model, chat prompt: held-out accuracy {res['accuracy']:.1%} ({res['n']} questions)", flush=True)
-        policy.train()
+        results = stage.eval_before(kind, cfg, policy, tok, chat)
 
     if kind == "sft":
         obj, data, ev = sft_setup(cfg, policy, tok, chat, comm)
     else:
         obj, data, ev = dpo_setup(cfg, policy, tok, chat, out, comm)
 
-    def meta():
-        m = {"train_config": asdict(cfg), "stage": kind, "init": str(Path(cfg.init).resolve())}
-        if lora_meta is not None:
-            m["lora"] = lora_meta
-        return m
-
-    trainer = Trainer(policy, obj, data, cfg, out, tok, ev, meta, comm=comm, zero=zero)
+    trainer = Trainer(policy, obj, data, cfg, out, tok, ev, stage.meta_of(cfg, kind, lora_meta), comm=comm, zero=zero)
     if state is not None:
         trainer.restore(state)
         if main:
@@ -302,12 +270,7 @@ def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwri
     if main and (out / "log.jsonl").is_file():
         stage.plot_curves(out / "log.jsonl", stage.CURVES[kind], out / "curves.png", f"tinylm {kind}")
     if builtin and cfg.task_eval and summary["stopped"] != "interrupted":
-        policy.eval()
-        res = task.accuracy(policy, tok, task.questions("test", cfg.task_eval, seed=0), mode="chat", chat=chat)
-        results["final_chat"] = res["accuracy"]
-        print(f"after {kind}: held-out accuracy {res['accuracy']:.1%} ({res['n']} questions)", flush=True)
-        if main:
-            (out / "eval.json").write_text(json.dumps(dict(results, examples=res["examples"][:50]), indent=1))
+        stage.eval_after(kind, cfg, policy, tok, chat, results, out, write=main)
     summary["results"] = results
     comm.barrier("end of the stage")
     comm.done()

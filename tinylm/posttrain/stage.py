@@ -420,52 +420,103 @@ def _reconcile(cfg, saved: dict, sources: dict | None):
     return type(cfg)(**{**asdict(base), **{k: getattr(cfg, k) for k in given if k in RESUMABLE}})
 
 
+def resume_state(out: Path, kind: str) -> dict:
+    """The checkpoint a resumed ``kind`` stage continues (an error if there is none or it is
+    another stage's)."""
+    from tinylm.train.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    ckpt = out / "checkpoint"
+    if not (ckpt / "state.json").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {ckpt})")
+    state = load_checkpoint(ckpt)
+    if state.get("stage") != kind:
+        raise ValueError(f"--resume: {ckpt} is a {state.get('stage', 'pretraining')} checkpoint, not {kind}")
+    return state
+
+
+def holds_run(out: Path) -> bool:
+    return (out / "checkpoint").exists() or (out / "log.jsonl").is_file()
+
+
+def refuse_other_run(out: Path):
+    return ValueError(f"{out} holds another run; pass --resume to continue it, --overwrite to replace it, "
+                      f"or --out DIR")
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove the run in ``out`` (its checkpoints, log, curves, caches)."""
+    link = out / "checkpoint"
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    for name in ("checkpoints", "init-merged"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("log.jsonl", "loss.png", "curves.png", "eval.json", "ref_logprobs.safetensors"):
+        (out / name).unlink(missing_ok=True)
+
+
+def eval_before(kind: str, cfg, policy, tok, chat) -> dict:
+    """The init model's held-out accuracy on the built-in task (few-shot too, for SFT)."""
+    results = {}
+    qs = task.questions("test", cfg.task_eval, seed=0)
+    policy.eval()
+    if kind == "sft":
+        r = task.accuracy(policy, tok, qs, mode="base")
+        results["init_prompted"] = r["accuracy"]
+        print(f"init model, few-shot REPL prompt: held-out accuracy {r['accuracy']:.1%} ({r['n']} questions)",
+              flush=True)
+    r = task.accuracy(policy, tok, qs, mode="chat", chat=chat)
+    results["init_chat"] = r["accuracy"]
+    print(f"init model, chat prompt: held-out accuracy {r['accuracy']:.1%} ({r['n']} questions)", flush=True)
+    policy.train()
+    return results
+
+
+def eval_after(kind: str, cfg, policy, tok, chat, results: dict, out: Path, write: bool = True) -> None:
+    """The trained model's held-out accuracy, added to ``results``; ``write``: OUT/eval.json."""
+    policy.eval()
+    r = task.accuracy(policy, tok, task.questions("test", cfg.task_eval, seed=0), mode="chat", chat=chat)
+    results["final_chat"] = r["accuracy"]
+    print(f"after {kind}: held-out accuracy {r['accuracy']:.1%} ({r['n']} questions)", flush=True)
+    if write:
+        (out / "eval.json").write_text(json.dumps(dict(results, examples=r["examples"][:50]), indent=1))
+
+
+def meta_of(cfg, kind: str, lora_meta):
+    """The Trainer's ``meta``: what state.json records of a post-training stage."""
+
+    def meta():
+        m = {"train_config": asdict(cfg), "stage": kind, "init": str(Path(cfg.init).resolve())}
+        if lora_meta is not None:
+            m["lora"] = lora_meta
+        return m
+
+    return meta
+
+
 def run(kind: str, cfg, resume: bool = False, overwrite: bool = False, sources: dict | None = None,
         max_steps: int | None = None) -> dict:
-    from tinylm.train.checkpoint import clean_stale, load_checkpoint  # noqa: PLC0415
+    from tinylm.train.checkpoint import clean_stale  # noqa: PLC0415
     from tinylm.train.loop import Trainer, cut_log  # noqa: PLC0415
 
     out = Path(cfg.out_dir)
     state = None
     if resume:
-        ckpt = out / "checkpoint"
-        if not (ckpt / "state.json").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {ckpt})")
-        state = load_checkpoint(ckpt)
-        if state.get("stage") != kind:
-            raise ValueError(f"--resume: {ckpt} is a {state.get('stage', 'pretraining')} checkpoint, not {kind}")
+        state = resume_state(out, kind)
         cfg = _reconcile(cfg, state["train_config"], sources)
     check(cfg, sources, check_paths=not resume)
     out.mkdir(parents=True, exist_ok=True)
     for line in clean_stale(out):
         print(line, flush=True)
-    if not resume and ((out / "checkpoint").exists() or (out / "log.jsonl").is_file()):
+    if not resume and holds_run(out):
         if not overwrite:
-            raise ValueError(f"{out} holds another run; pass --resume to continue it, --overwrite to replace it, "
-                             f"or --out DIR")
-        link = out / "checkpoint"
-        if link.is_symlink() or link.is_file():
-            link.unlink()
-        for name in ("checkpoints", "init-merged"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("log.jsonl", "loss.png", "curves.png", "eval.json", "ref_logprobs.safetensors"):
-            (out / name).unlink(missing_ok=True)
+            raise refuse_other_run(out)
+        clear_run(out)
 
     policy, tok, chat, lora_meta, model = prepare_model(cfg, out)
     results = {}
     builtin = not cfg.data
     if builtin and cfg.eval_init and cfg.task_eval and state is None:
-        qs = task.questions("test", cfg.task_eval, seed=0)
-        policy.eval()
-        if kind == "sft":
-            r = task.accuracy(policy, tok, qs, mode="base")
-            results["init_prompted"] = r["accuracy"]
-            print(f"init model, few-shot REPL prompt: held-out accuracy {r['accuracy']:.1%} ({r['n']} questions)",
-                  flush=True)
-        r = task.accuracy(policy, tok, qs, mode="chat", chat=chat)
-        results["init_chat"] = r["accuracy"]
-        print(f"init model, chat prompt: held-out accuracy {r['accuracy']:.1%} ({r['n']} questions)", flush=True)
-        policy.train()
+        results = eval_before(kind, cfg, policy, tok, chat)
 
     if kind == "sft":
         obj, data, ev = sft_setup(cfg, policy, tok, chat)
@@ -476,13 +527,7 @@ def run(kind: str, cfg, resume: bool = False, overwrite: bool = False, sources: 
     else:
         raise ValueError(f"unknown stage {kind!r}")
 
-    def meta():
-        m = {"train_config": asdict(cfg), "stage": kind, "init": str(Path(cfg.init).resolve())}
-        if lora_meta is not None:
-            m["lora"] = lora_meta
-        return m
-
-    trainer = Trainer(policy, obj, data, cfg, out, tok, ev, meta)
+    trainer = Trainer(policy, obj, data, cfg, out, tok, ev, meta_of(cfg, kind, lora_meta))
     if state is not None:
         trainer.restore(state)
         cut_log(out / "log.jsonl", trainer.step)
@@ -493,10 +538,6 @@ def run(kind: str, cfg, resume: bool = False, overwrite: bool = False, sources: 
     if (out / "log.jsonl").is_file():
         plot_curves(out / "log.jsonl", CURVES[kind], out / "curves.png", f"tinylm {kind}")
     if builtin and cfg.task_eval and summary["stopped"] != "interrupted":
-        policy.eval()
-        r = task.accuracy(policy, tok, task.questions("test", cfg.task_eval, seed=0), mode="chat", chat=chat)
-        results["final_chat"] = r["accuracy"]
-        print(f"after {kind}: held-out accuracy {r['accuracy']:.1%} ({r['n']} questions)", flush=True)
-        (out / "eval.json").write_text(json.dumps(dict(results, examples=r["examples"][:50]), indent=1))
+        eval_after(kind, cfg, policy, tok, chat, results, out)
     summary["results"] = results
     return summary
