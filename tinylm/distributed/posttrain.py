@@ -118,24 +118,12 @@ def _global_mean(comm, value: float, count: float) -> float:
 
 # ---- the stages' data, per rank --------------------------------------------------------------------
 def sft_setup(cfg, model, tok, chat, comm):
-    from tinylm.posttrain import stage, task  # noqa: PLC0415
+    from tinylm.posttrain import stage  # noqa: PLC0415
     from tinylm.posttrain.chat import IGNORE  # noqa: PLC0415
-    from tinylm.posttrain.data import Fit, SFTRows, chat_record, fixed_sft_batches  # noqa: PLC0415
-    from tinylm.posttrain.sft import SFT, evaluate_sft, sft_sequences  # noqa: PLC0415
+    from tinylm.posttrain.data import SFTRows, fixed_sft_batches  # noqa: PLC0415
+    from tinylm.posttrain.sft import SFT, evaluate_sft  # noqa: PLC0415
 
-    if cfg.data:
-        train_c, val_c = stage._split(stage._read(cfg, chat_record), cfg.val_every)
-    else:
-        qs = task.questions("train", cfg.task_train + 200, seed=cfg.seed)
-        train_c = [task.chat_example(q)["messages"] for q in qs[:cfg.task_train]]
-        val_c = [task.chat_example(q)["messages"] for q in qs[cfg.task_train:]]
-    T = model.config.block_size
-    fit = Fit(T + 1, cfg.overflow)
-    train_s = sft_sequences(chat, train_c, fit)
-    val_s = sft_sequences(chat, val_c, Fit(T + 1, cfg.overflow))
-    print(f"SFT data: {len(train_s)} conversations for training, {len(val_s)} for validation; "
-          f"{fit.summary('conversations')}", flush=True)
-    pad = tok.eot_id if tok.eot_id is not None else chat.end_id
+    train_s, val_s, T, pad = stage.sft_data(cfg, model, tok, chat)
     N, r = comm.size, comm.rank
     data = RankShare(SFTRows(train_s, T, cfg.batch_size * N, cfg.seed, pad, cfg.packing), r, N, "rows")
     # the one-process validation batches, each cut into the ranks' rows

@@ -227,9 +227,11 @@ def _split(items: list, every: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i % every != every - 1], [x for i, x in enumerate(items) if i % every == every - 1]
 
 
-def sft_setup(cfg, model, tok, chat):
-    from tinylm.posttrain.data import Fit, SFTRows, chat_record, fixed_sft_batches  # noqa: PLC0415
-    from tinylm.posttrain.sft import SFT, evaluate_sft, sft_sequences  # noqa: PLC0415
+def sft_data(cfg, model, tok, chat):
+    """SFT's rendered training and validation sequences, the window T and the pad id (the same
+    for one process and for several ranks, which then share the batches)."""
+    from tinylm.posttrain.data import Fit, chat_record  # noqa: PLC0415
+    from tinylm.posttrain.sft import sft_sequences  # noqa: PLC0415
 
     if cfg.data:
         train_c, val_c = _split(_read(cfg, chat_record), cfg.val_every)
@@ -244,6 +246,14 @@ def sft_setup(cfg, model, tok, chat):
     print(f"SFT data: {len(train_s)} conversations for training, {len(val_s)} for validation; "
           f"{fit.summary('conversations')}", flush=True)
     pad = tok.eot_id if tok.eot_id is not None else chat.end_id
+    return train_s, val_s, T, pad
+
+
+def sft_setup(cfg, model, tok, chat):
+    from tinylm.posttrain.data import SFTRows, fixed_sft_batches  # noqa: PLC0415
+    from tinylm.posttrain.sft import SFT, evaluate_sft  # noqa: PLC0415
+
+    train_s, val_s, T, pad = sft_data(cfg, model, tok, chat)
     data = SFTRows(train_s, T, cfg.batch_size, cfg.seed, pad, cfg.packing)
     val = fixed_sft_batches(val_s, T, cfg.batch_size, pad, cfg.packing)
     return SFT(), data, (lambda m: evaluate_sft(m, val)) if val else None
