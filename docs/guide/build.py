@@ -391,6 +391,13 @@ def main(argv=None) -> int:
     ap.add_argument("--chapters", help="comma-separated chapter names to build (and those they need)")
     args = ap.parse_args(argv)
     out = args.out or GUIDE / ("_build-quick" if args.quick else "_build")
+    import importlib.util  # noqa: PLC0415
+
+    lacking = [m for m in ("markdown_it", "pygments", "reportlab") if importlib.util.find_spec(m) is None]
+    if lacking:
+        print(f"guide build: {', '.join(lacking)} not installed; install the guide extra: "
+              f"pip install -e '.[guide]'", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         build(out, args.quick, args.only, args.chapters.split(",") if args.chapters else None)
