@@ -211,3 +211,79 @@ def test_frozen_weights_cost_no_weight_gradient_product(monkeypatch):
     _, loss = full(IDX, IDX)
     loss.backward()
     assert [c for c in calls if c[1][-1] == N]
+
+
+# ---- vocabulary rows added by grow_vocab: trained beside the adapters, the old rows frozen ----
+from tinylm.posttrain.chat import grow_vocab  # noqa: E402
+from tinylm.posttrain.lora import join_rows, join_rows_ref  # noqa: E402
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_join_rows_matches_the_numpy_reference_and_gradchecks(axis):
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(6, 4) if axis == 0 else (4, 6))
+    added = rng.normal(size=(2, 4) if axis == 0 else (4, 2))
+    b, a = tensor(base), tensor(added, requires_grad=True)
+    out = join_rows(b, a, 4, axis)
+    assert (out.numpy() == join_rows_ref(base, added, 4, axis)).all()
+    weights = tensor(rng.normal(size=out.shape))
+    assert gradcheck(lambda x: join_rows(b, x, 4, axis) * weights, [a])
+    with pytest.raises(ValueError):
+        join_rows(b, tensor(np.ones((2, 3))), 4, axis)
+
+
+def grown(model_fn, n_new=3):
+    m = model_fn()
+    old = m.config.vocab_size
+    names = grow_vocab(m, old + n_new, seed=0)
+    return m, {n: old for n in names}
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama-untied"])
+def test_added_rows_train_and_the_old_rows_stay(kind):
+    """Chat tokens added to a pretrained model must learn (their embedding and head rows), while
+    every row the checkpoint had stays bit for bit: LoRA plus the added rows, nothing else."""
+    from tinylm.models.llama import Llama, LlamaConfig
+
+    make = model if kind == "gpt" else (lambda: Llama(LlamaConfig(
+        n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=16, vocab_size=50, dtype="float64"), seed=1))
+    m, added = grown(make)
+    assert len(added) == (1 if kind == "gpt" else 2)  # tied wte; embed_tokens + lm_head
+    base_w = {n: p.numpy().copy() for n, p in m.named_parameters()}
+    idx = np.random.default_rng(1).integers(0, 53, (2, 12))
+    idx[:, ::3] = 50 + np.arange(idx[:, ::3].size).reshape(2, -1) % 3  # every new token in the input and targets
+    ref = m(idx)[0].numpy()
+    lm = apply_lora(m, rank=2, alpha=4, seed=0, added_rows=added)
+    assert (lm(idx)[0].numpy() == ref).all()  # B = 0, rows unchanged: exactly the base
+    rows = [p for n, p in lm.trainable() if n.startswith("added_rows.")]
+    assert [n for n, _ in lm.trainable() if n.startswith("added_rows.")] == ["added_rows." + n for n in added]
+    store = ParamStore.for_model(lm, 0.0)
+    assert store.numel() == sum(p.size for _, p in lm.adapters()) + 3 * 16 * len(added)
+    from tinylm.optim import AdamW
+
+    opt = AdamW(store, lr=1e-2)
+    for _ in range(3):
+        store.zero_grad()
+        lm(idx, idx)[1].backward()
+        assert all(np.abs(p.grad).sum() > 0 for p in rows)
+        opt.step()
+    for n, p in m.named_parameters():  # the frozen weights, the old and the new rows' base copies
+        if n in base_w:
+            assert (p.numpy() == base_w[n]).all(), n
+    # the added rows trained (every vocabulary weight here is (V, C): rows on axis 0)
+    assert min(np.abs(p.numpy() - base_w[n][50:]).max() for n, p in zip(added, rows)) > 1e-4
+    with disabled(lm):  # the reference: the base, with the added rows as initialised
+        assert (lm(idx)[0].numpy() == ref).all()
+    trained = lm(idx)[0].numpy()
+    sd = lm.state_dict()
+    m2, added2 = grown(make)
+    other = apply_lora(m2, rank=2, alpha=4, seed=5, added_rows=added2)
+    other.load_state_dict(sd)
+    assert (other(idx)[0].numpy() == trained).all()
+    full = lm.merged_model()  # plain names, the trained rows written into the weights
+    assert {n for n, _ in full.named_parameters()} == set(base_w)
+    np.testing.assert_allclose(full(idx)[0].numpy(), trained, rtol=0, atol=1e-12)
+    weights = dict(full.named_parameters())
+    for n in added:  # merged: the old rows as they were, the added ones as trained
+        assert (weights[n].numpy()[:50] == base_w[n][:50]).all(), n
+        assert (weights[n].numpy()[50:] == sd["added_rows." + n]).all(), n

@@ -80,11 +80,20 @@ def test_sft_resume_is_exact_and_lora_checkpoints_hold_adapters_only(tmp_path):
     assert len(la) == 6 and la == lb
     from safetensors.numpy import load_file
     saved = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
-    assert saved and all(k.endswith((".lora_A", ".lora_B")) for k in saved)
-    # the adapter checkpoint loads merged into its base (OUT/init-merged: the base with chat rows)
+    rows = sorted(k for k in saved if k.startswith("added_rows."))
+    assert saved and all(k.endswith((".lora_A", ".lora_B")) for k in saved if k not in rows)
+    # the chat tokens' rows (the init had none) are trained and kept with the adapters; the base
+    # (OUT/init-merged: the init with the rows as initialised) keeps their starting values
+    assert rows == ["added_rows.wte.weight"], rows
+    base, _ = load_policy(tmp_path / "a" / "init-merged")
+    old = base.config.vocab_size - saved[rows[0]].shape[0]
+    assert np.abs(saved[rows[0]] - base.wte.weight.numpy()[old:]).max() > 1e-6
+    # the adapter checkpoint loads merged into its base, with the trained rows
     model, tok = load_policy(tmp_path / "a" / "checkpoint")
     assert all("lora" not in n for n, _ in model.named_parameters())
     assert model.config.vocab_size == tok.vocab_size
+    assert (model.wte.weight.numpy()[old:] == saved[rows[0]]).all()
+    assert (model.wte.weight.numpy()[:old] == base.wte.weight.numpy()[:old]).all()
 
 
 def test_chat_loop_and_compare_with_a_scripted_person(tmp_path):

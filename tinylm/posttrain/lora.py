@@ -18,8 +18,9 @@ that waits for the other core, took 1.1 s of a 3.5 s step.
 ``apply_lora(model, rank, alpha, targets)`` swaps each target layer for a ``LoRALinear`` that
 keeps the layer's own ``weight`` and ``bias`` attributes (so parameter names, and a checkpoint
 of the base, are unchanged) and returns a ``LoRAModel``: the model with its state dict cut to
-the adapters (``lora_A``/``lora_B``, plus rows that ``grow_vocab`` added to the base: the base
-checkpoint does not have them). The Trainer saves that as an adapter-only checkpoint; its
+the adapters (``lora_A``/``lora_B``, plus ``added_rows.<name>``: the vocabulary rows that
+``grow_vocab`` added for the chat tokens, which train beside the adapters while the rows the
+checkpoint had stay frozen; ``GrownRows`` below). The Trainer saves that as an adapter-only checkpoint; its
 state.json's ``"lora"`` names the base checkpoint (``tinylm.posttrain.stage.load_policy`` puts
 them back together).
 
@@ -231,6 +232,107 @@ class LoRALinear(Module):
             self.merged = False
 
 
+# ---- vocabulary rows that grow_vocab added: trained beside the adapters --------------------------
+class JoinRowsOp(Function):
+    """W = [base rows before ``start``; added rows] along ``axis`` (0: rows, 1: columns), the
+    frozen rows a checkpoint had and the trainable rows grow_vocab added, as one weight.
+
+    Backward: dW's slice of the added rows goes to them; the base gets nothing (frozen). The
+    op that reads W (the embedding's scatter, the head's dW GEMM) still computes the whole dW:
+    the head's (V, C) product is the price of training new tokens through a tied head.
+    ``joined`` is the result when the caller has it already (``GrownRows`` keeps one per
+    value of the added rows, so generation does not copy the table every token)."""
+
+    def forward(self, base, added, start=0, axis=0, joined=None):
+        self.start, self.axis = start, axis
+        return _concat(base, added, start, axis) if joined is None else joined
+
+    def backward(self, dw):
+        part = dw[self.start:] if self.axis == 0 else dw[:, self.start:]
+        return None, xp_of(dw).ascontiguousarray(part)
+
+
+def _concat(base, added, start, axis):
+    return xp_of(base).concatenate([base[:start] if axis == 0 else base[:, :start], added], axis=axis)
+
+
+def join_rows(base: Tensor, added: Tensor, start: int, axis: int = 0, joined=None) -> Tensor:
+    """[base[:start]; added] along ``axis``, differentiable in ``added``."""
+    if base.ndim != 2 or added.ndim != 2 or not 0 <= start <= base.shape[axis]:
+        raise ValueError(f"join_rows: base {base.shape}, added {added.shape}, start {start}, axis {axis} do not fit")
+    other = 1 - axis
+    if added.shape[other] != base.shape[other]:
+        raise ValueError(f"join_rows: added {added.shape} does not match base {base.shape} along axis {other}")
+    return JoinRowsOp.apply(base, added, start=int(start), axis=int(axis), joined=joined)
+
+
+def join_rows_ref(base, added, start: int, axis: int = 0) -> np.ndarray:
+    """NumPy reference of ``join_rows``."""
+    base = np.asarray(base)
+    return np.concatenate([base[:start] if axis == 0 else base[:, :start], np.asarray(added)], axis=axis)
+
+
+class GrownRows:
+    """Mixed into a token embedding's (or an untied head's) own class by ``LoRAModel``: the
+    module's ``weight`` attribute reads as ``join_rows(base, grown)``, where ``base`` is the
+    frozen Parameter it had (still in ``vars(module)["weight"]``, so parameter names and the
+    base checkpoint are unchanged) and ``grown`` a trainable copy of the rows from
+    ``rows_start`` on. Every reader of ``.weight``, the module's forward and a tied head's
+    ``F.linear_t(x, wte.weight)`` alike, sees the trained rows, and both send them gradient.
+
+    A property is a data descriptor, so it wins over the instance dict for reading; setting
+    ``.weight`` writes the base. ``rows_enabled = False`` (``disabled``) reads the base, whose
+    added rows keep their initial values: the reference model."""
+
+    @property
+    def weight(self):
+        d = self.__dict__
+        base, grown = d["weight"], d["grown"]
+        if not d["rows_enabled"]:
+            return base
+        xp = xp_of(base.data)
+        c = d.get("_rows_cache")
+        if c is None or c[0] is not base.data or c[1].shape != grown.shape or not bool(xp.array_equal(c[1], grown.data)):
+            c = (base.data, grown.data.copy(), _concat(base.data, grown.data, d["rows_start"], d["rows_axis"]))
+            d["_rows_cache"] = c
+        return join_rows(base, grown, d["rows_start"], d["rows_axis"], joined=c[2])
+
+    @weight.setter
+    def weight(self, value):
+        self.__dict__["weight"] = value
+
+
+_GROWN_CLASSES: dict = {}
+
+
+def grow_rows(mod, start: int, axis: int) -> Parameter:
+    """Make ``mod``'s rows (``axis`` 1: columns) from ``start`` on trainable; returns them."""
+    cls = type(mod)
+    if cls not in _GROWN_CLASSES:
+        _GROWN_CLASSES[cls] = type(f"Grown{cls.__name__}", (GrownRows, cls), {"__module__": __name__})
+    base = vars(mod)["weight"]
+    rows = base.data[start:] if axis == 0 else base.data[:, start:]
+    if rows.size == 0:
+        raise ValueError(f"added_rows: {type(mod).__name__} has {base.shape[axis]} rows, none from {start} on")
+    grown = Parameter(np.ascontiguousarray(rows), dtype=base.dtype)
+    mod.__class__ = _GROWN_CLASSES[cls]
+    vars(mod).update(grown=grown, rows_start=int(start), rows_axis=int(axis), rows_enabled=True)
+    return grown
+
+
+def ungrow_rows(mod) -> None:
+    """Write the trained rows into the base weight and give ``mod`` its own class back."""
+    d = vars(mod)
+    base, grown, start = d["weight"], d["grown"], d["rows_start"]
+    if d["rows_axis"] == 0:
+        base.data[start:] = grown.data
+    else:
+        base.data[:, start:] = grown.data
+    for k in ("grown", "rows_start", "rows_axis", "rows_enabled", "_rows_cache"):
+        d.pop(k, None)
+    mod.__class__ = type(mod).__bases__[1]  # (GrownRows, the module's own class)
+
+
 def _walk(mod, prefix=""):
     """(parent, attribute name, list index or None, dotted path, child module) for every
     submodule held by an attribute or a list."""
@@ -294,6 +396,18 @@ class LoRAModel(Module):
         if not wrapped:
             raise ValueError(f"lora_targets {','.join(tg)}: no Linear-like layer matched in {type(model).__name__}")
         self.wrapped = wrapped
+        self.grown = {}  # base parameter name -> (module, its trainable added rows)
+        if self.added_rows:
+            from tinylm.posttrain.chat import _vocab_params  # noqa: PLC0415
+
+            axes = {n: axis for n, _, axis in _vocab_params(model)}
+            owners = {id(vars(m).get("weight")): m for m in model.modules()}
+            params = dict(model.named_parameters())
+            for name, start in self.added_rows.items():
+                if name not in axes:
+                    raise ValueError(f"added_rows: {name} is not a token embedding or head of {type(model).__name__}")
+                mod = owners[id(params[name])]
+                self.grown[name] = (mod, grow_rows(mod, start, axes[name]))
 
     def __getattr__(self, name):  # only called for names not found normally: the model's
         model = self.__dict__.get("model")
@@ -313,29 +427,28 @@ class LoRAModel(Module):
     def adapters(self) -> list[tuple[str, Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
 
+    def trainable(self) -> list[tuple[str, Parameter]]:
+        """The adapters, then the added vocabulary rows (named ``added_rows.<base name>``)."""
+        return self.adapters() + [(ADDED_ROWS + n, g) for n, (_, g) in self.grown.items()]
+
     def param_groups(self, weight_decay: float) -> list[dict]:
-        return [{"params": [p for _, p in self.adapters()], "weight_decay": weight_decay}]
+        return [{"params": [p for _, p in self.trainable()], "weight_decay": weight_decay}]
 
     def state_dict(self) -> dict:
-        out = {n: p.numpy().copy() for n, p in self.adapters()}
-        params = dict(self.model.named_parameters())
-        for name, start in self.added_rows.items():
-            out[ADDED_ROWS + name] = params[name].numpy()[start:].copy()
-        return out
+        return {n: p.numpy().copy() for n, p in self.trainable()}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         params = dict(self.model.named_parameters())
-        mine = {n for n, _ in self.adapters()} | {ADDED_ROWS + n for n in self.added_rows}
+        mine = {n for n, _ in self.trainable()}
         missing, unexpected = sorted(mine - set(state)), sorted(set(state) - mine)
         if strict and (missing or unexpected):
             raise KeyError(f"adapter state: missing {missing[:6]}, unexpected {unexpected[:6]}")
         for key, a in state.items():
             if key.startswith(ADDED_ROWS):
-                name = key[len(ADDED_ROWS):]
-                p, start = params[name], self.added_rows[name]
-                if a.shape != p.data[start:].shape:
-                    raise ValueError(f"adapter state: {key} has shape {a.shape}, the model {p.data[start:].shape}")
-                p.data[start:] = a
+                g = self.grown[key[len(ADDED_ROWS):]][1]
+                if a.shape != g.shape:
+                    raise ValueError(f"adapter state: {key} has shape {a.shape}, the model {g.shape}")
+                g.data[...] = a
             elif key in params:
                 p = params[key]
                 if a.shape != p.shape:
@@ -350,6 +463,9 @@ class LoRAModel(Module):
         """The base model with the adapters merged into its weights and the original layers put
         back (plain parameter names, all trainable): a full model. The adapters are gone."""
         self.merge()
+        for mod, _ in self.grown.values():
+            ungrow_rows(mod)
+        self.grown = {}
         todo = [self.model]
         while todo:
             mod = todo.pop()
@@ -380,14 +496,20 @@ def apply_lora(model, rank: int, alpha: float = 16.0, targets="all", seed: int =
 @contextlib.contextmanager
 def disabled(model):
     """The base model: every adapter switched off inside the block (refused while merged)."""
-    layers = _lora_layers(model.model if isinstance(model, LoRAModel) else model)
+    inner = model.model if isinstance(model, LoRAModel) else model
+    layers = _lora_layers(inner)
     if any(m.merged for m in layers):
         raise RuntimeError("disabled(): the adapters are merged into the weights; unmerge first")
-    prev = [m.enabled for m in layers]
+    rows = [m for m in inner.modules() if isinstance(m, GrownRows)]
+    prev = [m.enabled for m in layers], [vars(m)["rows_enabled"] for m in rows]
     for m in layers:
         m.enabled = False
+    for m in rows:
+        vars(m)["rows_enabled"] = False
     try:
         yield model
     finally:
-        for m, e in zip(layers, prev):
+        for m, e in zip(layers, prev[0]):
             m.enabled = e
+        for m, e in zip(rows, prev[1]):
+            vars(m)["rows_enabled"] = e

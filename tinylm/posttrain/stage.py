@@ -197,14 +197,15 @@ def prepare_model(cfg, out: Path):
         if read_state(init).get("lora") or added:
             # the adapters' base must be a full checkpoint with this vocabulary: write it
             base = out / "init-merged"
+            # (its added rows hold their initial values; the adapter checkpoint keeps the trained ones)
             if not (base / "state.json").exists():
                 _write_full(base, model, tok, {"merged_from": str(init)})
-            added = {}
         policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed, added_rows=added)
         lora_meta = dict(policy.lora_config, base=str(base),
                          base_sha256=read_state(base)["sha256"]["model.safetensors"], added_rows=added)
-        n_train = sum(p.size for _, p in policy.adapters())
-        print(f"LoRA rank {cfg.lora_rank} on {len(policy.wrapped)} layers: {n_train:,} trainable parameters of "
+        n_train = sum(p.size for _, p in policy.trainable())
+        rows = f" (with the added token rows of {', '.join(added)})" if added else ""
+        print(f"LoRA rank {cfg.lora_rank} on {len(policy.wrapped)} layers: {n_train:,} trainable parameters{rows} of "
               f"{policy.num_params():,}", flush=True)
     policy.train()
     return policy, tok, chat, lora_meta, model
@@ -350,7 +351,9 @@ def _fingerprint(pairs, cfg) -> str:
     return h.hexdigest()
 
 
-def grpo_setup(cfg, policy, tok, chat, out: Path):
+def grpo_setup(cfg, policy, tok, chat, out: Path, ranks: int = 1):
+    """(objective, prompt batches, None); ``ranks``: the batches are global, ranks x batch_size
+    prompts (tinylm/distributed/posttrain.py gives each rank its share)."""
     import contextlib  # noqa: PLC0415
 
     from tinylm.posttrain.data import prompt_record  # noqa: PLC0415
@@ -379,8 +382,10 @@ def grpo_setup(cfg, policy, tok, chat, out: Path):
     print(f"GRPO: {len(recs)} prompts, {cfg.group_size} answers each, reward {cfg.reward}", flush=True)
     obj = GRPO(chat, reward, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.scale_std,
                cfg.kl_coef, reference, seed=cfg.seed)
-    data = PromptBatches(recs, cfg.batch_size, cfg.seed)
-    data.tokens_per_batch = cfg.batch_size * cfg.group_size * cfg.max_new_tokens
+    if ranks > 1 and len(recs) < cfg.batch_size * ranks:
+        raise ValueError(f"{len(recs)} prompts, fewer than one global batch of {cfg.batch_size} x {ranks} ranks")
+    data = PromptBatches(recs, cfg.batch_size * ranks, cfg.seed)
+    data.tokens_per_batch = cfg.batch_size * ranks * cfg.group_size * cfg.max_new_tokens
     return obj, data, None
 
 
