@@ -442,6 +442,24 @@ def test_sft_at_2_ranks_is_sft_at_1(tmp_path):
 
 @needs_mpi
 @pytest.mark.slow
+def test_lora_sft_at_2_ranks_is_lora_sft_at_1(tmp_path):
+    # the adapters and the chat tokens' added rows (the init has none) train; ZeRO-1 shards their state
+    sys.path.insert(0, str(Path(__file__).parent))
+    from safetensors.numpy import load_file
+    from test_posttrain_sft import random_user_data, write_ckpt
+
+    write_ckpt(tmp_path / "init")
+    random_user_data(tmp_path / "d.jsonl")
+    common = ["--init", tmp_path / "init", "--data", tmp_path / "d.jsonl", *POST, "lora_rank=2"]
+    _cli("sft", "--out", tmp_path / "one", *common, "batch_size=8")
+    _cli("sft", "--nproc", 2, "--zero", 1, "--out", tmp_path / "two", *common, "batch_size=4")
+    _assert_same_stage(tmp_path / "one", tmp_path / "two", "LoRA sft, 2 ranks, zero=1")
+    saved = load_file(str(tmp_path / "two" / "checkpoint" / "model.safetensors"))
+    assert "added_rows.wte.weight" in saved and any(k.endswith(".lora_B") for k in saved)
+
+
+@needs_mpi
+@pytest.mark.slow
 def test_dpo_at_2_ranks_is_dpo_at_1(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_posttrain_sft import write_ckpt
@@ -461,10 +479,39 @@ def test_dpo_at_2_ranks_is_dpo_at_1(tmp_path):
     assert (tmp_path / "two" / "ref_logprobs.safetensors").is_file()
 
 
-def test_grpo_over_ranks_is_refused_with_a_message(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "tinylm.cli", "grpo", "--nproc", "2", "--init", str(tmp_path)],
-                       env=ENV, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "tinylm grpo runs in one process only" in p.stderr, p.stderr[-2000:]
+@needs_mpi
+@pytest.mark.slow
+def test_grpo_at_2_ranks_is_grpo_at_1(tmp_path):
+    # each prompt's group is sampled with the seed one process gives it; groups dropped for equal rewards
+    # leave different numbers of answer tokens on the ranks (TokenShare), and the KL term rides along
+    sys.path.insert(0, str(Path(__file__).parent))
+    from safetensors.numpy import load_file
+    from test_posttrain_resume import prompts_file
+    from test_posttrain_sft import write_ckpt
+
+    write_ckpt(tmp_path / "init", chat_tokens=True)
+    prompts_file(tmp_path / "q.jsonl", n=24)
+    common = ["--init", tmp_path / "init", "--data", tmp_path / "q.jsonl", "--max-steps", 8, "--no-progress",
+              "lr=3e-3", "min_lr=3e-4", "warmup_steps=2", "log_interval=1", "task_eval=0", "eval_init=false",
+              "grad_accum=2", "group_size=3", "max_new_tokens=6", "kl_coef=0.1",
+              f"reward={Path(__file__).parent / 'test_posttrain_resume.py'}:reward"]
+    _cli("grpo", "--out", tmp_path / "one", *common, "batch_size=4")
+    _cli("grpo", "--nproc", 2, "--zero", 2, "--out", tmp_path / "two", *common, "batch_size=2")
+    ra, rb = (_post_log(tmp_path / d)[2] for d in ("one", "two"))
+    sa, sb = ([r for r in rs if "loss" in r] for rs in (ra, rb))
+    assert len(sa) == len(sb) >= 6 and [r["step"] for r in sa] == [r["step"] for r in sb]
+    assert len({r["reward"] for r in sa}) > 1 and any(0 < r["groups_kept"] < 1 for r in sa)
+    for k in ("loss", "reward", "groups_kept", "answer_tokens", "kl"):
+        np.testing.assert_allclose([r[k] for r in sb], [r[k] for r in sa], rtol=1e-5, atol=1e-7, err_msg=k)
+    wa, wb = (load_file(str(tmp_path / d / "checkpoint" / "model.safetensors")) for d in ("one", "two"))
+    assert wa.keys() == wb.keys()
+    top = max(float(np.abs(a).max()) for a in wa.values())
+    for k in wa:  # as _assert_same_stage: Adam turns rounding-sized gradients into lr-sized steps
+        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-5, atol=1e-5 * top, err_msg=k)
+    p = subprocess.run([sys.executable, "-m", "tinylm.cli", "grpo", "--nproc", "2", "--zero", "3", "--out",
+                        str(tmp_path / "three"), *map(str, common)], env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "GRPO samples from the whole model" in p.stderr, p.stderr[-2000:]
 
 
 @needs_mpi

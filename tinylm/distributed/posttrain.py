@@ -1,4 +1,4 @@
-"""``tinylm sft`` and ``tinylm dpo`` on several ranks (``--nproc N``, or under ``mpiexec -n N``).
+"""``tinylm sft``, ``dpo`` and ``grpo`` on several ranks (``--nproc N``, or under ``mpiexec -n N``).
 
 The same stage as tinylm/posttrain/stage.py's ``run`` (its settings, checks, model preparation,
 data readers, curves and held-out scoring are called from there), with what several ranks
@@ -21,10 +21,13 @@ change:
   what it wrote, and compute the rest themselves (the built-in task's pairs and reference
   log-probs are deterministic).
 
-GRPO is refused on several ranks: its objective draws every prompt's sampling seed from one
-generator inside tinylm/posttrain/grpo.py, in batch order, so a rank holding part of the batch
-would draw other seeds than one process does; sharing it needs the global batch's seeds drawn
-on every rank, a change to that file.
+- GRPO: the global batch of N x batch_size prompts is split the same way; each prompt's
+  sampling seed is drawn for the global batch from the one generator every rank holds
+  (``GRPO.seeds``), so a prompt's group of answers is the one a single process samples. The
+  loss is a mean over the kept groups' answer tokens, which differ between ranks: weighted as
+  SFT's (``TokenShare``, the count known once the rank has sampled), and so is the KL metric.
+  ZeRO-3 is refused: sampling inside the step reads whole weights, which stage 3 holds only
+  block by block.
 
 Why a driver here rather than a ``comm`` argument to stage.run: that file is being changed by
 another engineer as this is written; folding this in there (run(..., comm=None), the setups
@@ -38,15 +41,11 @@ import numpy as np
 
 from tinylm.train.objectives import Objective
 
-GRPO_SINGLE = ("tinylm grpo runs in one process only: its sampling seeds come from one generator in "
-               "batch order (tinylm/posttrain/grpo.py), which ranks holding parts of a batch cannot share yet; "
-               "run it without --nproc / mpiexec")
-
-
 class RankShare:
     """A data source built for the global batch, serving this rank's share of each batch.
     ``kind``: "rows" (a tuple of arrays, rows on axis 0: SFT's (x, y)) or "pairs" (DPO's dict:
-    x and y hold the P chosen rows, then the P rejected rows; ref is (P, 2))."""
+    x and y hold the P chosen rows, then the P rejected rows; ref is (P, 2)) or "list" (GRPO's
+    prompt records)."""
 
     def __init__(self, data, rank: int, world: int, kind: str):
         self.data, self.rank, self.world, self.kind = data, rank, world, kind
@@ -60,6 +59,8 @@ class RankShare:
 
     def next(self):
         batch = self.data.next()
+        if self.kind == "list":
+            return batch[self._part(len(batch))]
         if self.kind == "rows":
             s = self._part(len(batch[0]))
             return tuple(np.ascontiguousarray(a[s]) for a in batch)
@@ -81,21 +82,33 @@ class RankShare:
 
 class TokenShare(Objective):
     """An objective whose loss is a mean over a count of units that differs between ranks
-    (``count(batch)``; SFT: trained tokens), weighted by N n_r / n so that averaging the ranks'
-    gradients gives the gradient of the global mean. Reports the global count as ``metric``."""
+    (``count(batch)``, asked after the loss: SFT's trained tokens, GRPO's kept answer tokens),
+    weighted by N n_r / n so that averaging the ranks' gradients gives the gradient of the
+    global mean. Reports the global count as ``metric`` (None: not reported); the metrics named
+    in ``weighted`` are means over the same units and get the same weight (averaged over ranks,
+    they are the global batch's)."""
 
-    def __init__(self, inner, comm, count, metric: str = "trained_tokens"):
-        self.inner, self.comm, self.count, self.metric = inner, comm, count, metric
+    def __init__(self, inner, comm, count, metric: str | None = "trained_tokens", weighted=()):
+        self.inner, self.comm, self.count, self.metric, self.weighted = inner, comm, count, metric, tuple(weighted)
         self.name = inner.name
 
     def loss(self, model, batch):
-        n_r = float(self.count(batch))
-        n = float(self.comm.allreduce([n_r], "trained tokens of the global batch")[0])
         loss, metrics = self.inner.loss(model, batch)
-        metrics = dict(metrics, **{self.metric: n})  # the same keys on every rank (global_step_stats sums them)
+        n_r = float(self.count(batch))
+        n = float(self.comm.allreduce([n_r], "loss units of the global batch")[0])
+        w = self.comm.size * n_r / n if n else 0.0
+        metrics = dict(metrics)  # the same keys on every rank (global_step_stats sums them)
+        for k in self.weighted:
+            if k in metrics:
+                metrics[k] = float(metrics[k]) * w
+        if self.metric:
+            metrics[self.metric] = n
+        if n == 0:
+            return None, metrics  # nothing to train on any rank: the step skips this micro-batch
         if loss is None or n_r == 0:
-            return None, metrics
-        w = self.comm.size * n_r / n
+            # others train on this micro-batch: it counts here too, as 0 (the logged loss is then
+            # the mean over the micro-batches that trained anywhere, as in one process)
+            return 0.0, metrics
         return (loss if w == 1.0 else loss * w), metrics
 
     def state(self):
@@ -190,6 +203,15 @@ def dpo_setup(cfg, policy, tok, chat, out: Path, comm):
     return DPO(cfg.beta, cfg.average_logprobs), data, evaluate if va else None
 
 
+def grpo_setup(cfg, policy, tok, chat, out: Path, comm):
+    from tinylm.posttrain import stage  # noqa: PLC0415
+
+    obj, data, ev = stage.grpo_setup(cfg, policy, tok, chat, out, ranks=comm.size)
+    obj.share = (comm.rank, comm.size)
+    shared = RankShare(data, comm.rank, comm.size, "list")
+    return TokenShare(obj, comm, lambda batch: obj.last_tokens, metric=None, weighted=("kl",)), shared, ev
+
+
 # ---- the stage ------------------------------------------------------------------------------------
 def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwrite: bool = False,
               sources: dict | None = None, max_steps: int | None = None) -> dict:
@@ -200,9 +222,7 @@ def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwri
     from tinylm.train.checkpoint import clean_stale  # noqa: PLC0415
     from tinylm.train.loop import Trainer, cut_log  # noqa: PLC0415
 
-    if kind == "grpo":
-        raise ValueError(GRPO_SINGLE)
-    if kind not in ("sft", "dpo"):
+    if kind not in ("sft", "dpo", "grpo"):
         raise ValueError(f"unknown stage {kind!r}")
     rank, N = comm.rank, comm.size
     main = rank == 0
@@ -215,6 +235,9 @@ def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwri
     stage.check(cfg, sources, check_paths=not resume)
     if zero == 3 and cfg.lora_rank:
         raise ValueError("zero=3 shards parameters layer by layer; with LoRA only the adapters train: use zero 0-2")
+    if zero == 3 and kind == "grpo":
+        raise ValueError("zero=3 holds each block's weights only during its forward and backward; GRPO samples "
+                         "from the whole model inside each step: use zero 0-2")
     out.mkdir(parents=True, exist_ok=True)
     holds = stage.holds_run(out)
     comm.barrier("run directory")  # every rank has looked before rank 0 changes anything
@@ -243,8 +266,10 @@ def run_stage(kind: str, cfg, comm, zero: int = 0, resume: bool = False, overwri
 
     if kind == "sft":
         obj, data, ev = sft_setup(cfg, policy, tok, chat, comm)
-    else:
+    elif kind == "dpo":
         obj, data, ev = dpo_setup(cfg, policy, tok, chat, out, comm)
+    else:
+        obj, data, ev = grpo_setup(cfg, policy, tok, chat, out, comm)
 
     trainer = Trainer(policy, obj, data, cfg, out, tok, ev, stage.meta_of(cfg, kind, lora_meta), comm=comm, zero=zero)
     if state is not None:

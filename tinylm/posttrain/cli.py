@@ -37,11 +37,10 @@ def add_parser(sub) -> None:
         p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint exactly where it stopped")
         p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        # [distributed #14] data-parallel: SFT and DPO (tinylm/distributed/posttrain.py); GRPO is one process
+        # [distributed #14] data-parallel (tinylm/distributed/posttrain.py)
         p.add_argument("--nproc", type=int, metavar="N",
                        help="data-parallel on N processes: re-runs this command under mpiexec -n N (the mpi "
-                            "extra); batch_size is per process" + (" (not for grpo: one process)" if name == "grpo"
-                                                                     else ""))
+                            "extra); batch_size is per process")
         p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                        help="with several processes, the ZeRO stage: 1 shards the optimizer state, 2 also the "
                             "gradients, 3 also the parameters (default 0)")
@@ -69,10 +68,6 @@ def _stage(args: argparse.Namespace) -> int:
     from tinylm.posttrain.stage import CONFIGS, run  # noqa: PLC0415
 
     if getattr(args, "nproc", None) is not None:  # [distributed #14] re-run as N ranks under mpiexec
-        from tinylm.distributed.posttrain import GRPO_SINGLE  # noqa: PLC0415
-
-        if args.stage == "grpo" and args.nproc != 1:
-            raise ValueError(GRPO_SINGLE)
         from tinylm.distributed.launch import relaunch_cli  # noqa: PLC0415
 
         return relaunch_cli(args.nproc)
@@ -106,12 +101,8 @@ def _communicator(args, cfg):
 
     comm = world()
     if comm is not None:
-        if args.stage == "grpo":
-            from tinylm.distributed.posttrain import GRPO_SINGLE  # noqa: PLC0415
-
-            raise ValueError(GRPO_SINGLE)
         return comm
-    if args.resume and args.stage != "grpo":
+    if args.resume:
         from pathlib import Path  # noqa: PLC0415
 
         try:

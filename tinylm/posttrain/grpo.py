@@ -113,6 +113,18 @@ class GRPO(Objective):
         self.max_new, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.scale_std, self.kl_coef, self.reference = scale_std, kl_coef, reference
         self.rng = np.random.default_rng(seed)
+        # [distributed #14] (rank, ranks): the batch given to ``loss`` is this rank's contiguous
+        # share of a global batch of ranks x len(batch) prompts; seeds are drawn for all of them
+        self.share = (0, 1)
+        self.last_tokens = 0  # answer tokens in the kept groups of the last ``loss`` call
+
+    def seeds(self, n: int) -> list[int]:
+        """The sampling seeds of this rank's ``n`` prompts: one per prompt of the global batch,
+        drawn in its order from the one generator every rank holds, and this rank's slice, so a
+        prompt gets the seed it gets in one process, whatever the number of ranks."""
+        rank, ranks = self.share
+        every = [int(self.rng.integers(2**62)) for _ in range(n * ranks)]
+        return every[rank * n:(rank + 1) * n]
 
     def state(self):
         return {"rng": self.rng.bit_generator.state}
@@ -124,8 +136,7 @@ class GRPO(Objective):
     def loss(self, model, batch):
         end = self.chat.end_id
         rows, advs, rewards_all, lens = [], [], [], []
-        for rec in batch:
-            seed = int(self.rng.integers(2**62))
+        for rec, seed in zip(batch, self.seeds(len(batch))):
             p, answers = sample_group(model, self.chat, rec["prompt"], self.G, self.max_new, seed,
                                       temperature=self.temperature, top_k=self.top_k)
             texts = [self.chat.tok.decode([t for t in a if t != end]) for a in answers]
@@ -140,15 +151,20 @@ class GRPO(Objective):
                 advs.append(adv)
         metrics = {"reward": float(np.mean(rewards_all)), "groups_kept": len(advs) / self.G / len(batch),
                    "answer_tokens": float(np.mean(lens))}
+        kl_on = self.kl_coef > 0 and self.reference is not None
+        if kl_on:
+            metrics["kl"] = 0.0  # the same keys with and without kept groups (ranks average them)
+        self.last_tokens = 0
         if not rows:
             return None, metrics
         x, y = padded_batch([(p + a, [0] * len(p) + [1] * len(a)) for p, a in rows], end)
-        n_tok = max(int((y != IGNORE).sum()), 1)
+        self.last_tokens = int((y != IGNORE).sum())
+        n_tok = max(self.last_tokens, 1)
         logits, _ = model(x)
         lp = token_logprobs(logits, y)  # (R, T) float64, 0 off the answers
         A = np.asarray(advs, dtype=np.float64)[:, None]
         loss = (lp * A).sum() * (-1.0 / n_tok)
-        if self.kl_coef > 0 and self.reference is not None:
+        if kl_on:
             with no_grad(), self.reference() as ref:
                 ref_lp = token_logprobs(ref(x)[0], y).numpy()
             d = (lp * -1.0) + ref_lp  # log ref - log pi (0 off the answers)

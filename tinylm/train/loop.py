@@ -194,6 +194,9 @@ class Trainer:
             if self.comm is not None:  # [distributed #14] this rank still joins the collectives
                 self.opt.backward(None, last)
             return None, metrics
+        if isinstance(loss, float):  # [distributed #14] 0.0: a micro-batch other ranks train on, none of it here
+            self.opt.backward(None, last)
+            return loss, metrics
         if scale != 1.0:
             loss = loss * scale
         value = None

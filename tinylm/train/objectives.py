@@ -18,7 +18,9 @@ class Objective:
     name = "objective"
 
     def loss(self, model, batch):  # pragma: no cover - abstract
-        """(loss Tensor or None, metrics dict)."""
+        """(loss Tensor or None, metrics dict). None: the batch trains nothing (skipped and
+        counted). On several ranks also 0.0: this rank's share holds nothing, others' does
+        (tinylm/distributed/posttrain.py's TokenShare): it counts as a zero-loss micro-batch."""
         raise NotImplementedError
 
     def state(self) -> dict | None:
