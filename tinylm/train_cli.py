@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                    help="sample only from the smallest set of tokens whose probability reaches P (nucleus)")
     s.add_argument("--seed", type=int, default=None, help="random seed (sample i uses seed + i)")
     s.add_argument("--num-samples", type=int, default=1, metavar="N", help="how many samples (default 1)")
+    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="run the model with its weights in this format (as a 16-bit run's working copy; the "
+                        "compute stays fp32; default fp32)")
     s.set_defaults(func=_sample)
 
 
@@ -120,6 +123,10 @@ def _sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling(args.temperature, args.top_k, args.top_p)  # before anything is printed
     model, tok = load_model(args.ckpt)
+    if args.dtype != "fp32":  # [amp #13]
+        from tinylm.amp.formats import round_model  # noqa: PLC0415
+
+        round_model(model, args.dtype)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")

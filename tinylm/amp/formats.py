@@ -53,5 +53,37 @@ def finfo(fmt: str) -> dict:
             "fp16": {"max": 65504.0, "tiny": 6.1035156e-05, "eps": 2.0 ** -10}}[fmt]
 
 
+def round_model(model, fmt: str):
+    """Round every parameter of ``model`` to ``fmt`` in place (values of the format, kept as
+    float32, as a 16-bit run's working copy): a model run "in bf16" or "in fp16" here. Returns it."""
+    storage_dtype(fmt)
+    if fmt != "fp32":
+        for p in model.parameters():
+            if p.data.dtype != np.float32:
+                raise ValueError(f"round_model: {fmt} needs a float32 model, this one is {p.data.dtype}")
+            round_to_format(p.data, fmt, out=p.data)
+    return model
+
+
+class in_format:
+    """``with in_format(model, fmt):`` the model's weights rounded to ``fmt`` inside the block
+    and restored bit for bit after (a full-model reference computed in the run's format)."""
+
+    def __init__(self, model, fmt: str):
+        self.model, self.fmt, self.saved = model, fmt, None
+
+    def __enter__(self):
+        if self.fmt != "fp32":
+            self.saved = [(p, p.data.copy()) for p in self.model.parameters()]
+            round_model(self.model, self.fmt)
+        return self.model
+
+    def __exit__(self, *exc):
+        for p, a in self.saved or ():
+            p.data[...] = a
+        self.saved = None
+        return False
+
+
 __all__ = ["FORMATS", "bf16_to_f32", "f32_to_bf16", "f32_to_bf16_sr", "finfo", "format_of", "from_f32",
-           "is_16bit", "round_to_format", "storage_dtype", "to_f32"]
+           "in_format", "is_16bit", "round_model", "round_to_format", "storage_dtype", "to_f32"]

@@ -153,15 +153,11 @@ def sft_setup(cfg, model, tok, chat, comm):
 
 
 def dpo_setup(cfg, policy, tok, chat, out: Path, comm):
-    import contextlib  # noqa: PLC0415
-
     from safetensors.numpy import load_file, save_file  # noqa: PLC0415
 
     from tinylm.posttrain import stage  # noqa: PLC0415
     from tinylm.posttrain.data import Fit, preference_record  # noqa: PLC0415
     from tinylm.posttrain.dpo import DPO, PairBatches, evaluate_pairs, reference_logprobs, render_pairs  # noqa: PLC0415
-    from tinylm.posttrain.lora import LoRAModel, disabled  # noqa: PLC0415
-
     recs = stage._read(cfg, preference_record) if cfg.data else stage.builtin_pairs(cfg, policy, tok, chat)
     fit = Fit(policy.config.block_size + 1, cfg.overflow)
     pairs = render_pairs(chat, recs, fit)
@@ -180,8 +176,7 @@ def dpo_setup(cfg, policy, tok, chat, out: Path, comm):
             ref = None
     comm.barrier("reference cache")
     if ref is None:  # every rank computes the same numbers; rank 0 keeps them
-        ctx = disabled(policy) if isinstance(policy, LoRAModel) else contextlib.nullcontext(policy)
-        with ctx as m:
+        with stage.reference(cfg, policy) as m:
             ref = reference_logprobs(m, pairs, pad, average=cfg.average_logprobs)
         if comm.rank == 0:
             save_file({"ref": ref, "key": np.frombuffer(key.encode(), dtype=np.uint8).copy()}, str(cache))

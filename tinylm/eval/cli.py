@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--per-example", metavar="FILE.jsonl", help="write one line per window / example / sample here")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling, few-shot draws and the bootstrap")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="run the model with its weights in this format (the compute stays fp32; default fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("ppl")
     g.add_argument("--window", type=int, metavar="W", help="tokens per window (default: the model's context)")

@@ -11,7 +11,14 @@ def _load(args):
     from tinylm.eval.common import checkpoint_info  # noqa: PLC0415
 
     model, tok = tinylm.load(args.ckpt)
-    return model, tok, checkpoint_info(args.ckpt)
+    info = checkpoint_info(args.ckpt)
+    fmt = getattr(args, "dtype", "fp32") or "fp32"
+    if fmt != "fp32":  # [amp #13] the weights rounded to the format; log-probs still computed in fp32 or wider
+        from tinylm.amp.formats import round_model  # noqa: PLC0415
+
+        round_model(model, fmt)
+    info["dtype"] = fmt
+    return model, tok, info
 
 
 def _record(task: str, ckpt, settings: dict, data: dict, results: dict) -> dict:

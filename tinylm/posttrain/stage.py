@@ -60,6 +60,12 @@ class StageConfig:
     task_train: int = 4000            # built-in task: training questions
     task_eval: int = 200              # built-in task: held-out questions scored at the end (0: none)
     eval_init: bool = True            # built-in task: score the init model first too
+    # mixed precision [amp #13], as tinylm train (tinylm/amp/policy.py); LoRA's frozen base is rounded to it
+    dtype: str = "fp32"               # fp32, bf16 or fp16: weights and weight gradients; fp32 masters and moments
+    master_weights: bool = True       # bf16 only: false keeps no fp32 master (stochastic rounding instead)
+    loss_scale_init: float = 65536.0  # fp16: the first loss scale
+    loss_scale_window: int = 2000     # fp16: clean steps after which the loss scale doubles
+    loss_scale_min: float = 1.0       # fp16: training stops when the loss scale would fall below this
 
 
 @dataclass
@@ -192,6 +198,12 @@ def prepare_model(cfg, out: Path):
         print(f"chat tokens added: vocabulary {old} -> {tok.vocab_size} ({', '.join(added)} grown)", flush=True)
     lora_meta = None
     policy = model
+    if cfg.lora_rank and cfg.dtype != "fp32":
+        # [amp #13] the frozen base is the working copy of a 16-bit run: its values in the format
+        # (nothing trains it, so there is no master to keep); the adapters get the store's treatment
+        from tinylm.amp.formats import round_model  # noqa: PLC0415
+
+        round_model(model, cfg.dtype)
     if cfg.lora_rank:
         base = init
         if read_state(init).get("lora") or added:
@@ -301,13 +313,22 @@ def builtin_pairs(cfg, model, tok, chat) -> list[dict]:
     return pairs
 
 
+def reference(cfg, policy):
+    """The reference model of DPO and GRPO's KL as a context manager: with LoRA the policy with
+    its adapters (and the added rows' training) switched off; else the policy itself, which at
+    this point is the init model, in the run's format (``in_format``: a 16-bit run's first
+    working copy is the init rounded to it, so DPO's first loss is ln 2 in every format)."""
+    from tinylm.amp.formats import in_format  # noqa: PLC0415
+    from tinylm.posttrain.lora import LoRAModel, disabled  # noqa: PLC0415
+
+    return disabled(policy) if isinstance(policy, LoRAModel) else in_format(policy, cfg.dtype)
+
+
 def dpo_setup(cfg, policy, tok, chat, out: Path):
     from safetensors.numpy import load_file, save_file  # noqa: PLC0415
 
     from tinylm.posttrain.data import Fit, preference_record  # noqa: PLC0415
     from tinylm.posttrain.dpo import DPO, PairBatches, evaluate_pairs, reference_logprobs, render_pairs  # noqa: PLC0415
-    from tinylm.posttrain.lora import LoRAModel, disabled  # noqa: PLC0415
-    import contextlib  # noqa: PLC0415
 
     recs = _read(cfg, preference_record) if cfg.data else builtin_pairs(cfg, policy, tok, chat)
     fit = Fit(policy.config.block_size + 1, cfg.overflow)
@@ -326,8 +347,7 @@ def dpo_setup(cfg, policy, tok, chat, out: Path):
         except Exception:  # noqa: BLE001 - a bad cache is recomputed
             ref = None
     if ref is None:
-        ctx = disabled(policy) if isinstance(policy, LoRAModel) else contextlib.nullcontext(policy)
-        with ctx as m:
+        with reference(cfg, policy) as m:
             ref = reference_logprobs(m, pairs, pad, average=cfg.average_logprobs)
         save_file({"ref": ref, "key": np.frombuffer(key.encode(), dtype=np.uint8).copy()}, str(cache))
         print(f"reference log-probs computed for {len(pairs)} pairs (cached in {cache})", flush=True)
@@ -345,7 +365,7 @@ def _fingerprint(pairs, cfg) -> str:
     import hashlib  # noqa: PLC0415
 
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.init, cfg.average_logprobs]).encode())
+    h.update(json.dumps([cfg.init, cfg.average_logprobs, cfg.dtype, cfg.lora_rank]).encode())
     for p in pairs:
         h.update(json.dumps([p["chosen"][0], p["chosen"][1], p["rejected"][0], p["rejected"][1]]).encode())
     return h.hexdigest()
@@ -378,6 +398,9 @@ def grpo_setup(cfg, policy, tok, chat, out: Path, ranks: int = 1):
                 grow_vocab(ref_model, policy.config.vocab_size, seed=cfg.seed)
             for p in ref_model.parameters():
                 p.requires_grad = False
+            from tinylm.amp.formats import round_model  # noqa: PLC0415
+
+            round_model(ref_model, cfg.dtype)  # [amp #13] the init in the run's format
             reference = lambda: contextlib.nullcontext(ref_model)  # noqa: E731
     print(f"GRPO: {len(recs)} prompts, {cfg.group_size} answers each, reward {cfg.reward}", flush=True)
     obj = GRPO(chat, reward, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.scale_std,
