@@ -49,6 +49,11 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   for none) runs two more tinylm steps with every Function's forward and backward timed, and
   prints where the step goes per op (Linear split by weight shape).
 
+- ``--dtypes fp32,bf16,fp16`` (mixed precision): instead of PyTorch, tinylm's own step in each
+  format through the Trainer's path (ParamStore with fp32 masters, fp16 loss scaling), the
+  rounds alternating over the formats: step time and peak memory growth against fp32, and bytes
+  per parameter as the store holds them against the ZeRO paper's 16.
+
 Usage: .venv/bin/python benchmarks/train_step.py [--configs S,M,L] [--steps N] [--warmup W]
        [--threads 2] [--gen-tokens 200] [--no-gen] [--no-profile] [--profile-config M] [--json FILE]
 L needs ~3-4 GB and a minute or more per framework on 2 cores: leave it out with --configs S,M.
@@ -185,7 +190,21 @@ def worker_tinylm(c: dict, args) -> dict:
     res = {"params": model.num_params(), "flops_per_token": model.flops_per_token(c["block_size"])}
     if args.mode == "gen":
         return res | gen_tinylm(model, c, args) | {"base_kib": base, "peak_kib": read_peak(resettable), "resettable": resettable}
-    opt = AdamW(model.param_groups(WD), lr=LR, betas=BETAS)
+    fmt = getattr(args, "dtype", "fp32")
+    if fmt == "fp32":
+        opt = AdamW(model.param_groups(WD), lr=LR, betas=BETAS)
+        store, scaler = None, None
+    else:  # [amp #13] the Trainer's path: fp32 masters and moments, 16-bit values, fp16 loss scaling
+        from types import SimpleNamespace
+
+        from tinylm.amp import train as amp_train
+        from tinylm.optim import ParamStore
+
+        store = ParamStore.for_model(model, WD)
+        policy, scaler = amp_train.setup(store, SimpleNamespace(dtype=fmt, master_weights=True, seed=0))
+        opt = AdamW(store, lr=LR, betas=BETAS)
+        res["bytes_held"] = policy.bytes_held(store)
+        res["bytes_zero"] = policy.bytes_per_param()
     data = batches(c)
     losses = []
 
@@ -195,11 +214,16 @@ def worker_tinylm(c: dict, args) -> dict:
         _, loss = model(x, y)
         lv = loss.item()
         t1 = time.perf_counter()
-        loss.backward()
+        (loss if scaler is None else loss * scaler.scale).backward()
         t2 = time.perf_counter()
-        opt.clip_grad_norm(CLIP)
+        if store is None:
+            opt.clip_grad_norm(CLIP)
+            apply = True
+        else:
+            apply = amp_train.grads_ready(store, scaler, CLIP)[1]
         t3 = time.perf_counter()
-        opt.step()
+        if apply:
+            opt.step()
         opt.zero_grad()
         t4 = time.perf_counter()
         losses.append(lv)
@@ -581,6 +605,8 @@ def run_worker(framework: str, cfg_name: str, mode: str, args, init_dir: str, pr
            "--threads", n, "--gen-tokens", str(args.gen_tokens), "--init-dir", init_dir]
     if profile:
         cmd.append("--profile")
+    if getattr(args, "dtype", "fp32") != "fp32":
+        cmd += ["--dtype", args.dtype]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -717,6 +743,43 @@ def measure(args, names, llamas, have_torch, mode) -> dict:
     return results
 
 
+def measure_dtypes(args, names, dtypes) -> dict:
+    """[amp #13] tinylm's step in each format against its own fp32 step, the rounds alternating
+    over the formats: median step time, peak memory growth, and bytes per parameter as the
+    store holds them against the ZeRO paper's mixed-precision Adam accounting."""
+    print(f"\n# Formats {','.join(dtypes)} (tinylm only; BLAS environment: {args.blas_mode})", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tinylm-bench-") as tmp:
+        for name in names:
+            runs = {d: [] for d in dtypes}
+            for r in range(args.rounds):
+                for d in dtypes:
+                    args.dtype = d
+                    print(f"{name} {d} round {r + 1}/{args.rounds} ...", end=" ", flush=True)
+                    runs[d].append(run_worker("tinylm", name, "train", args, os.path.join(tmp, f"{name}-{d}")))
+                    print(f"{runs[d][-1]['step'] * 1e3:,.0f} ms/step", flush=True)
+            args.dtype = "fp32"
+            results[name] = {d: min(runs[d], key=lambda x: x["step"]) for d in dtypes}
+            results[name]["peak_growth_mib"] = {d: [(x["peak_kib"] - x["base_kib"]) / 1024 for x in runs[d]]
+                                                for d in dtypes}
+    print("\n| config | dtype | ms/step | vs fp32 | peak growth MiB | vs fp32 | bytes/param held (w + master + "
+          "moments + grads) | ZeRO paper |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        ref = results[name].get("fp32")
+        for d in dtypes:
+            x = results[name][d]
+            growth = (x["peak_kib"] - x["base_kib"]) / 1024
+            vs_t = f"{x['step'] / ref['step']:.2f}" if ref else "-"
+            vs_m = f"{growth / ((ref['peak_kib'] - ref['base_kib']) / 1024):.2f}" if ref else "-"
+            held = x.get("bytes_held", {"weights": 4, "master": 0, "moments": 8, "gradients": 4, "total": 16})
+            zero = x.get("bytes_zero", {"total": 16})
+            print(f"| {name} | {d} | {x['step'] * 1e3:,.0f} | {vs_t} | {growth:,.0f} | {vs_m} | "
+                  f"{held['weights']:.0f} + {held['master']:.0f} + {held['moments']:.0f} + {held['gradients']:.0f} = "
+                  f"{held['total']:.0f} | {zero['total']} |")
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="tinylm vs PyTorch: training step and KV-cache generation")
     ap.add_argument("--configs", default="S,M,L", help="GPT configs, comma-separated from S,M,L (default: all)")
@@ -737,6 +800,10 @@ def main(argv=None) -> int:
     ap.add_argument("--blas-env", choices=["as-is", "unset", "both"], default="both",
                     help="run the workers with the environment as it is, with OPENBLAS_CORETYPE and "
                          "OPENBLAS_L2_SIZE removed, or both (default)")
+    ap.add_argument("--dtypes", metavar="LIST",
+                    help="[amp] instead of the PyTorch comparison: tinylm's step in these formats (e.g. "
+                         "fp32,bf16,fp16) against its fp32 step: time, peak memory, bytes per parameter")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=argparse.SUPPRESS)  # worker
     ap.add_argument("--worker", choices=["tinylm", "torch", "ceiling"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["train", "gen"], default="train", help=argparse.SUPPRESS)
     ap.add_argument("--init-dir", help=argparse.SUPPRESS)
@@ -769,9 +836,13 @@ def main(argv=None) -> int:
         print(f"torch {torch.__version__}", flush=True)
     modes = ["as-is", "unset"] if args.blas_env == "both" else [args.blas_env]
     all_results = {}
+    dtypes = [d.strip() for d in (args.dtypes or "").split(",") if d.strip()]
+    if any(d not in ("fp32", "bf16", "fp16") for d in dtypes):
+        ap.error(f"--dtypes {args.dtypes}: formats are fp32, bf16, fp16")
     for mode in modes:
         args.blas_mode = mode
-        all_results[mode] = measure(args, names, llamas, have_torch, mode)
+        all_results[mode] = (measure_dtypes(args, names, dtypes) if dtypes
+                             else measure(args, names, llamas, have_torch, mode))
     results = all_results if len(modes) > 1 else all_results[modes[0]]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
