@@ -20,7 +20,6 @@ change:
   log-prob cache, the log, checkpoints, curves, eval.json); the others wait at barriers, read
   what it wrote, and compute the rest themselves (the built-in task's pairs and reference
   log-probs are deterministic).
-
 - GRPO: the global batch of N x batch_size prompts is split the same way; each prompt's
   sampling seed is drawn for the global batch from the one generator every rank holds
   (``GRPO.seeds``), so a prompt's group of answers is the one a single process samples. The
@@ -29,9 +28,10 @@ change:
   ZeRO-3 is refused: sampling inside the step reads whole weights, which stage 3 holds only
   block by block.
 
-Why a driver here rather than a ``comm`` argument to stage.run: that file is being changed by
-another engineer as this is written; folding this in there (run(..., comm=None), the setups
-taking rank and world) would leave only RankShare, TokenShare and the shared validation here.
+Why a driver beside stage.run rather than a ``comm`` argument to it: what ranks change (the
+shares, the token weighting, the validation sums, the barriers around rank 0's writes) stays
+in one file, and stage.run stays the one-process path a reader follows first; everything
+else is stage.py's, called from here.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from tinylm.train.objectives import Objective
+
 
 class RankShare:
     """A data source built for the global batch, serving this rank's share of each batch.

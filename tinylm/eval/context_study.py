@@ -45,7 +45,7 @@ class StudySettings:
     n_embd: int = 128
     vocab_size: int = 2048
     tokens_per_step: int = 4096   # the same for every context: B = tokens_per_step / T
-    steps: int = 600              # 2.5M training tokens per model
+    steps: int = 1250             # 5.1M training tokens per model (the default run: ~30 min on 2 cores)
     lr: float = 3e-3
     val_tokens: int = 120_000     # held-out tokens scored per model (the built-in corpus has 110,050)
     kernels: tuple = ("cpu_flash", "cpu_plain")
