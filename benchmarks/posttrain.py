@@ -7,6 +7,9 @@ each kept, so a burst of someone else's load on a shared machine hits all alike)
    full step: forward, backward, clipping, AdamW. Target <= 1.05: the mask costs nothing.
 2. LoRA step (rank 8 on every Linear, base frozen) / full fine-tuning step, both SFT. Target
    <= 0.8: frozen weights need no weight-gradient products and AdamW touches only adapters.
+   Also with 4 chat-token rows added to the vocabulary and training beside the adapters (what
+   `tinylm sft lora_rank=...` does on a model without the chat tokens): the tied head's weight
+   then needs its (V, C) gradient product again, of which only the new rows are kept.
 3. DPO step with cached reference log-probs (B/2 pairs = B rows: forward, sequence log-probs,
    DPO loss, backward) / the policy's plain forward + backward (cross-entropy) over the same
    tokens. Target <= 1.1.
@@ -46,6 +49,7 @@ def main() -> None:
     from tinylm.models import GPT, GPTConfig
     from tinylm.optim import AdamW, ParamStore
     from tinylm.posttrain.dpo import DPO
+    from tinylm.posttrain.chat import grow_vocab
     from tinylm.posttrain.lora import apply_lora
     from tinylm.posttrain.sft import SFT
     from tinylm.train.objectives import NextToken
@@ -62,10 +66,13 @@ def main() -> None:
     ref = rng.normal(-T / 2 * 9.0, 5.0, (B // 2, 2))  # cached reference log-probs
     dpo_batch = {"x": x, "y": y_sft, "ref": ref}
 
-    def make(lora=False, seed=0):
+    def make(lora=False, seed=0, grow=0):
         m = GPT(GPTConfig(**c), seed=seed)
+        added = None
+        if grow:  # the chat tokens a real `tinylm sft` adds to a pretrained model: their rows train too
+            added = {n: V for n in grow_vocab(m, V + grow, seed=0)}
         if lora:
-            m = apply_lora(m, rank=8, alpha=16, targets="all", seed=0)
+            m = apply_lora(m, rank=8, alpha=16, targets="all", seed=0, added_rows=added)
         store = ParamStore.for_model(m, 0.1)
         return m, store, AdamW(store, lr=1e-4)
 
@@ -80,10 +87,12 @@ def main() -> None:
 
     full = make()
     lora = make(lora=True)
+    lora_rows = make(lora=True, grow=4)
     jobs = {
         "pretrain step": lambda: step(*full, NextToken(), (x, y)),
         "SFT step": lambda: step(*full, SFT(), (x, y_sft)),
         "LoRA SFT step": lambda: step(*lora, SFT(), (x, y_sft)),
+        "LoRA SFT step, 4 chat-token rows training": lambda: step(*lora_rows, SFT(), (x, y_sft)),
         "policy fwd+bwd (CE)": lambda: step(*full, NextToken(), (x, y), update=False),
         "DPO fwd+bwd (cached ref)": lambda: step(*full, DPO(0.1), dpo_batch, update=False),
     }
@@ -110,6 +119,8 @@ def main() -> None:
     print("\n| ratio | value | target |\n|---|---|---|")
     print(f"| SFT step / pretraining step | {best['SFT step'] / best['pretrain step']:.2f} | <= 1.05 |")
     print(f"| LoRA step / full fine-tuning step | {best['LoRA SFT step'] / best['SFT step']:.2f} | <= 0.8 |")
+    print(f"| LoRA step with the chat-token rows training / full fine-tuning step | "
+          f"{best['LoRA SFT step, 4 chat-token rows training'] / best['SFT step']:.2f} | <= 0.8 |")
     print(f"| DPO step (cached ref) / policy fwd+bwd | "
           f"{best['DPO fwd+bwd (cached ref)'] / best['policy fwd+bwd (CE)']:.2f} | <= 1.1 |")
     if torch_res is not None:

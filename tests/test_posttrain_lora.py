@@ -287,3 +287,40 @@ def test_added_rows_train_and_the_old_rows_stay(kind):
     for n in added:  # merged: the old rows as they were, the added ones as trained
         assert (weights[n].numpy()[:50] == base_w[n][:50]).all(), n
         assert (weights[n].numpy()[50:] == sd["added_rows." + n]).all(), n
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama-untied"])
+def test_the_heads_partial_weight_gradient_equals_the_whole_products_rows(monkeypatch, kind):
+    """A head reading a joined weight computes dW for the added rows only (F._trained_from);
+    the rows' gradients equal those kept from the whole (V, C) product."""
+    from tinylm import functional
+    from tinylm.models.llama import Llama, LlamaConfig
+
+    make = model if kind == "gpt" else (lambda: Llama(LlamaConfig(
+        n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=16, vocab_size=50, dtype="float64"), seed=1))
+    idx = np.random.default_rng(2).integers(0, 53, (2, 12))
+
+    def rows_grads():
+        m, added = grown(make)
+        lm = apply_lora(m, rank=2, alpha=4, seed=0, added_rows=added)
+        lm(idx, idx)[1].backward()
+        return [g.grad.copy() for n, g in lm.trainable() if n.startswith("added_rows.")]
+
+    part = rows_grads()
+    monkeypatch.setattr(functional, "_trained_from", lambda w, axis: {})
+    whole = rows_grads()
+    assert len(part) == len(whole) >= 1
+    for a, b in zip(part, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+        assert np.abs(a).sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_linear_with_trained_rows_gradchecks(layout):
+    rng = np.random.default_rng(3)
+    x = tensor(rng.normal(size=(3, 4)), requires_grad=True)
+    base = tensor(rng.normal(size=(6, 4) if layout == "out_in" else (4, 6)))
+    rows = tensor(rng.normal(size=(2, 4) if layout == "out_in" else (4, 2)), requires_grad=True)
+    axis = 0 if layout == "out_in" else 1
+    lin = F.linear_t if layout == "out_in" else F.linear
+    assert gradcheck(lambda x, r: lin(x, join_rows(base, r, 4, axis)), [x, rows])

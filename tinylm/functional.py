@@ -32,8 +32,9 @@ class Linear(Function):
     """out = x @ w + b, w (C_in, C_out) (GPT-2's Conv1D layout); with ``wt=True`` w is
     (C_out, C_in) and out = x @ w^T + b (PyTorch's nn.Linear layout, and the tied GPT head)."""
 
-    def forward(self, x, w, b=None, wt=False):  # (..., C_in), w, (C_out,) -> (..., C_out)
+    def forward(self, x, w, b=None, wt=False, w_from=None):  # (..., C_in), w, (C_out,) -> (..., C_out)
         self.x, self.w, self.wt, self.has_bias = x, w, wt, b is not None
+        self.w_from = w_from  # only the outputs from this one on need dw (see _trained_from)
         # one (N, C_in) @ (C_in, C_out) GEMM rather than NumPy's loop of per-batch GEMMs
         x2 = x.reshape(-1, x.shape[-1])
         out = _k("matmul", x)(x2, w.T if wt else w)
@@ -52,7 +53,16 @@ class Linear(Function):
         # out = x @ w + b
         dx = mm(d2, w_io.T).reshape(self.x.shape) if self.needs_grad[0] else None  # d/dx = dout w^T
         dw = None
-        if self.needs_grad[1]:  # d/dw = x^T dout, summed over rows; (dout^T x for w^T)
+        if self.needs_grad[1] and self.w_from is not None:
+            # only output features k >= w_from need their dw (the rest is dropped by the op
+            # that made w): the product over those columns of dout, zeros elsewhere
+            k = self.w_from
+            dw = xp.zeros_like(self.w)
+            if self.wt:
+                dw[k:] = mm(xp.ascontiguousarray(d2[:, k:].T), x2)
+            else:
+                dw[:, k:] = mm(xp.ascontiguousarray(x2.T), xp.ascontiguousarray(d2[:, k:]))
+        elif self.needs_grad[1]:  # d/dw = x^T dout, summed over rows; (dout^T x for w^T)
             a, b = (d2.T, x2) if self.wt else (x2.T, d2)
             sink = self.grad_sink(1)
             if sink is not None:  # straight into the optimizer's gradient buffer: no temporary
@@ -66,15 +76,24 @@ class Linear(Function):
         return dx, dw, (db if db is None else xp.asarray(db))
 
 
+def _trained_from(w: Tensor, out_axis: int) -> dict:
+    """A weight made by ``join_rows`` (tinylm/posttrain/lora.py: a vocabulary grown for new
+    tokens, where only the new rows train) says so in ``w.trained_from = (start, axis)``; when
+    that axis is the output features, the op computes dw for those outputs only, not the whole
+    (V, C) product of which all but a few rows would be thrown away."""
+    tf = getattr(w, "trained_from", None)
+    return {"w_from": int(tf[0])} if tf is not None and tf[1] == out_axis else {}
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x @ w + b`` with ``w`` of shape (C_in, C_out), GPT-2's checkpoint layout."""
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"linear: x {x.shape} and w {w.shape} do not fit: need w of shape ({x.shape[-1]}, C_out)")
     if b is None:
-        return Linear.apply(x, w)
+        return Linear.apply(x, w, **_trained_from(w, 1))
     if b.shape != (w.shape[1],):
         raise ValueError(f"linear: bias has shape {b.shape}, expected ({w.shape[1]},)")
-    return Linear.apply(x, w, b)
+    return Linear.apply(x, w, b, **_trained_from(w, 1))
 
 
 def linear_t(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -84,10 +103,10 @@ def linear_t(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"linear_t: x {x.shape} and w {w.shape} do not fit: need w of shape (C_out, {x.shape[-1]})")
     if b is None:
-        return Linear.apply(x, w, wt=True)
+        return Linear.apply(x, w, wt=True, **_trained_from(w, 0))
     if b.shape != (w.shape[0],):
         raise ValueError(f"linear_t: bias has shape {b.shape}, expected ({w.shape[0]},)")
-    return Linear.apply(x, w, b, wt=True)
+    return Linear.apply(x, w, b, wt=True, **_trained_from(w, 0))
 
 
 # ---- layer norm -----------------------------------------------------------------------------

@@ -238,8 +238,9 @@ class JoinRowsOp(Function):
     frozen rows a checkpoint had and the trainable rows grow_vocab added, as one weight.
 
     Backward: dW's slice of the added rows goes to them; the base gets nothing (frozen). The
-    op that reads W (the embedding's scatter, the head's dW GEMM) still computes the whole dW:
-    the head's (V, C) product is the price of training new tokens through a tied head.
+    result says which rows train (``trained_from``), so a head reading it (``F.linear_t``)
+    computes its weight gradient for those rows only, not the (V, C) product; the embedding's
+    scatter writes the whole (V, C) gradient (a memset and B*T rows) of which the rows are kept.
     ``joined`` is the result when the caller has it already (``GrownRows`` keeps one per
     value of the added rows, so generation does not copy the table every token)."""
 
@@ -263,7 +264,11 @@ def join_rows(base: Tensor, added: Tensor, start: int, axis: int = 0, joined=Non
     other = 1 - axis
     if added.shape[other] != base.shape[other]:
         raise ValueError(f"join_rows: added {added.shape} does not match base {base.shape} along axis {other}")
-    return JoinRowsOp.apply(base, added, start=int(start), axis=int(axis), joined=joined)
+    out = JoinRowsOp.apply(base, added, start=int(start), axis=int(axis), joined=joined)
+    # only these rows train: a linear op reading ``out`` computes its weight gradient for them only
+    # (tinylm.functional._trained_from); others compute it whole and this op keeps the rows
+    out.trained_from = (int(start), int(axis))
+    return out
 
 
 def join_rows_ref(base, added, start: int, axis: int = 0) -> np.ndarray:
