@@ -112,3 +112,33 @@ def test_stdlib_trains_and_samples(tmp_path, capsys):
     assert rc == 0
     assert "--- sample ---\ndef " in capsys.readouterr().out
     assert (out / "log.jsonl").is_file()
+
+
+def _write_log(d, vals, train=((10, 5.0), (20, 4.0))):
+    d.mkdir()
+    lines = [{"step": s, "loss": v, "lr": 1e-3} for s, v in train]
+    lines += [{"step": s, "val_loss": v, "val_ppl": 1.0} for s, v in vals]
+    (d / "log.jsonl").write_text("".join(__import__("json").dumps(x) + "\n" for x in lines))
+
+
+def test_compare_runs_table_and_plot(tmp_path, capsys):
+    _write_log(tmp_path / "a", [(10, 4.0), (20, 2.0)])
+    _write_log(tmp_path / "b", [(10, 4.4), (20, 2.02), (30, 1.0)])  # step 30: only b has it
+    png = tmp_path / "runs.png"
+    rc = load_example("compare_runs").main([f"fp32={tmp_path / 'a'}", str(tmp_path / "b"), "--plot", str(png)])
+    assert rc == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| run | val at 10 | val at 20 | vs fp32 |"
+    assert out[2] == "| fp32 | 4.0000 | 2.0000 | - |"
+    assert out[3] == "| b | 4.4000 | 2.0200 | +1.00% |"  # (2.02 - 2.0) / 2.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_bad_input(tmp_path, capsys):
+    mod = load_example("compare_runs")
+    assert mod.main([str(tmp_path / "nothing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "val_loss": "x"}\n')
+    assert mod.main([str(tmp_path / "bad")]) == 2
+    assert "log.jsonl:2: not a tinylm log line" in capsys.readouterr().err
