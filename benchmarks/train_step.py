@@ -18,7 +18,9 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   the torch worker reads them with safetensors, without importing tinylm), and both train on the
   same token batches, so the first losses must agree: the table prints both as a check that the
   two programs compute the same thing;
-- a step is timed from the forward to the end of ``zero_grad``; ``--warmup`` steps (which include
+- a step is timed from the forward to the end of ``zero_grad`` (tinylm's forward as the Trainer
+  calls it, ``return_logits=False``: the fused LM head + cross-entropy, kernels/head_ce.py, whose
+  forward also computes the head's gradients); ``--warmup`` steps (which include
   Numba's JIT loading and first-touch page faults) are excluded; the median of ``--steps`` is
   reported, with the forward / backward / clip / optimizer parts (medians of each part);
 - peak memory is the process's peak resident set (Linux ``VmHWM``), reset with
@@ -211,7 +213,7 @@ def worker_tinylm(c: dict, args) -> dict:
     def step(i):
         x, y = data[i % N_BATCHES]
         t0 = time.perf_counter()
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)  # as the Trainer: the fused LM head + loss
         lv = loss.item()
         t1 = time.perf_counter()
         (loss if scaler is None else loss * scaler.scale).backward()
@@ -276,7 +278,7 @@ def profile_tinylm(model, opt, data, n: int = 2) -> dict:
         for i in range(n):
             x, y = data[i % len(data)]
             t0 = time.perf_counter()
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
             loss.item()
             t1 = time.perf_counter()
             loss.backward()

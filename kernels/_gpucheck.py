@@ -23,7 +23,7 @@ import numpy as np
 from kernels.lab import gpu_kernels_for_ptx, variants
 
 FAMILIES = ("layernorm", "gelu", "cross_entropy", "attention", "embedding", "adamw", "gradnorm",
-            "matmul", "rmsnorm", "rope", "swiglu")
+            "matmul", "rmsnorm", "rope", "swiglu", "head_ce")
 
 
 def _cases(dt, rng):
@@ -54,6 +54,8 @@ def _cases(dt, rng):
         "gelu_bwd": ((f(2, 300), f(2, 300, scale=3.0)), ()),
         "cross_entropy_fwd": ((z, tg, -100), ()),
         "cross_entropy_bwd": ((z, tg, lse, f(3), -100), ()),
+        # 5 rows (one ignored), C=6, V=300 (the CPU kernel's vocabulary blocks: see head_ce.py)
+        "head_ce": ((f(5, 6), f(300, 6), np.array([5, 299, -100, 0, 17]), -100, 0.25, True, True), ()),
         "attention_fwd": ((q, k, v), ()),
         "attention_bwd": ((d, q, k, v, o, l), ()),
         "embedding_fwd": ((ids, f(11, 40)), ()),  # 600 outputs: 3 blocks

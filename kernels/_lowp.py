@@ -38,6 +38,7 @@ ACTIVATION_OUTPUTS = {
     "gelu_fwd": (0,), "gelu_bwd": (0,), "swiglu_fwd": (0,), "swiglu_bwd": (0, 1),
     "rope_fwd": (0,), "rope_bwd": (0,),
     "cross_entropy_fwd": (), "cross_entropy_bwd": (0,),   # per-row losses and lse: fp32
+    "head_ce": (2, 3),                                     # loss rows, lse fp32; dx, dw in format
     "attention_fwd": (0,), "attention_bwd": (0, 1, 2), "attention_decode": (0,),
     "embedding_fwd": (0,), "embedding_bwd": (0,),
     "matmul": (0,), "sumsq": (),
@@ -45,7 +46,7 @@ ACTIVATION_OUTPUTS = {
 }
 INPLACE_ARGS = {"adamw_update": (0, 2, 3), "matmul_acc": (2,)}
 INTEGER_ARGS = {"embedding_fwd": (0,), "embedding_bwd": (1,), "cross_entropy_fwd": (1,),
-                "cross_entropy_bwd": (1,)}
+                "cross_entropy_bwd": (1,), "head_ce": (2,)}
 
 
 def has_16bit(arrays) -> bool:

@@ -27,6 +27,7 @@ _FAMILY = {
     "layernorm_fwd": "kernels.layernorm", "layernorm_bwd": "kernels.layernorm",
     "gelu_fwd": "kernels.gelu", "gelu_bwd": "kernels.gelu",
     "cross_entropy_fwd": "kernels.cross_entropy", "cross_entropy_bwd": "kernels.cross_entropy",
+    "head_ce": "kernels.head_ce",
     "attention_fwd": "kernels.attention", "attention_bwd": "kernels.attention",
     "embedding_fwd": "kernels.embedding", "embedding_bwd": "kernels.embedding",
     "adamw_update": "kernels.adamw",

@@ -21,7 +21,7 @@ GPU_OPS = [  # (op, variant) of every GPU variant in the VARIANTS tables, kernel
     ("attention_bwd", "gpu"), ("embedding_fwd", "gpu"), ("embedding_bwd", "gpu"),
     ("adamw_update", "gpu"), ("sumsq", "gpu"), ("matmul", "gpu"), ("matmul", "gpu_numba"),
     ("matmul_acc", "gpu"), ("rmsnorm_fwd", "gpu"), ("rmsnorm_bwd", "gpu"), ("rope_fwd", "gpu"),
-    ("rope_bwd", "gpu"), ("swiglu_fwd", "gpu"), ("swiglu_bwd", "gpu"),
+    ("rope_bwd", "gpu"), ("swiglu_fwd", "gpu"), ("swiglu_bwd", "gpu"), ("head_ce", "gpu"),
 ]
 PTX_KERNELS = [
     "layernorm_fwd", "layernorm_bwd_dx", "layernorm_bwd_dwdb", "gelu_fwd", "gelu_bwd",

@@ -90,15 +90,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, mon
     import tinylm.models.gpt as gpt
 
     cfg = cfg_for(corpus, tmp_path, max_steps=12)
-    real = gpt.F.cross_entropy
+    real = gpt.F.head_cross_entropy  # the loss training computes (the fused LM head + loss)
     calls = {"n": 0}
 
-    def poisoned(logits, targets, ignore_index=-100):
+    def poisoned(x, w, targets, ignore_index=-100):
         calls["n"] += 1
-        loss = real(logits, targets, ignore_index)
+        loss = real(x, w, targets, ignore_index)
         return loss * float("nan") if calls["n"] > 7 else loss  # train steps 1-4 + 2 val batches fine
 
-    monkeypatch.setattr(gpt.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(gpt.F, "head_cross_entropy", poisoned)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train(cfg)
     assert load_checkpoint(tmp_path / "checkpoint")["step"] == 4

@@ -231,6 +231,80 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
     return CrossEntropy.apply(logits2, targets=t, ignore_index=int(ignore_index))
 
 
+def _checked_targets(xp, targets, shape, V: int, ignore_index: int, what: str):
+    """(N,) int64 targets of the given leading shape, each in [0, V) or ignore_index."""
+    t = targets.data if isinstance(targets, Tensor) else targets
+    t = xp.asarray(t) if xp is not np else np.asarray(to_device(t, "cpu") if is_gpu_array(t) else t)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{what}: targets must be integers, got dtype {t.dtype}")
+    if tuple(shape) != t.shape:
+        raise ValueError(f"{what}: need targets of shape {tuple(shape)}, got {t.shape}")
+    t = _contig(xp, t.reshape(-1).astype(np.int64, copy=False))
+    bad = (t != ignore_index) & ((t < 0) | (t >= V))
+    if bool(bad.any()):
+        i = int(xp.argmax(bad))
+        raise ValueError(f"{what}: target {int(t[i])} at row {i} is outside [0, {V}) and is not ignore_index={ignore_index}")
+    return t
+
+
+# ---- LM head + cross-entropy, fused ---------------------------------------------------------
+class HeadCrossEntropy(Function):
+    """cross_entropy(linear_t(x, w), targets) without the (N, V) logits (kernels/head_ce.py).
+
+    The kernel computes the loss and, in the same sweep over row chunks, dx and dw of
+    L = sum_n loss_n / count; the gradient is linear in the incoming dout (a scalar), so backward
+    only scales them: dx = dout * dx, and dout * dw is added into w's gradient buffer when it
+    has one (Function.grad_sink: the ParamStore's flat buffer), in row blocks, with no
+    temporary of the weight's size. The (V, C) dw kept from forward to backward replaces the
+    (N, V) logits the unfused pair keeps (and their gradient): smaller whenever N > C."""
+
+    def forward(self, x, w, targets, ignore_index):  # (..., C), (V, C), (N,) -> ()
+        xp = xp_of(x)
+        self.x_shape = x.shape
+        x2 = _contig(xp, x.reshape(-1, x.shape[-1]))
+        count = max(int((targets != ignore_index).sum()), 1)
+        grads = is_grad_enabled()
+        want_dx, want_dw = grads and self.needs_grad[0], grads and self.needs_grad[1]
+        loss_rows, _, self.dx, self.dw = _k("head_ce", x2, w)(
+            x2, _contig(xp, w), targets, ignore_index, 1.0 / count, want_dx, want_dw)
+        # all rows ignored: loss 0, zero gradient (as F.cross_entropy)
+        return xp.asarray(loss_rows.sum() / count, dtype=x.dtype)
+
+    def backward(self, dout):
+        g = float(dout)
+        dx = None
+        if self.needs_grad[0]:
+            dx = (self.dx if g == 1.0 else self.dx * self.dx.dtype.type(g)).reshape(self.x_shape)
+        if not self.needs_grad[1]:
+            return dx, None
+        sink = self.grad_sink(1)
+        if sink is None:
+            return dx, (self.dw if g == 1.0 else self.dw * self.dw.dtype.type(g))
+        step = max(1, (1 << 20) // max(1, self.dw.shape[1]))  # ~4 MB of fp32 per block: no (V, C) temporary
+        for a in range(0, self.dw.shape[0], step):
+            if g == 1.0:
+                sink[a:a + step] += self.dw[a:a + step]
+            else:
+                sink[a:a + step] += self.dw[a:a + step] * sink.dtype.type(g)
+        return dx, ACCUMULATED
+
+
+def head_cross_entropy(x: Tensor, w: Tensor, targets, ignore_index: int = -100) -> Tensor:
+    """``cross_entropy(linear_t(x, w), targets, ignore_index)``: the mean cross-entropy of the
+    logits x @ w^T (w (V, C): the tied embedding or an untied head in PyTorch's layout), fused
+    so that only a chunk of rows' logits exists at a time (kernels/head_ce.py). x (..., C),
+    targets of x's leading shape; ignore_index rows are left out of the mean; a batch with none
+    gives 0 with zero gradient. A head whose weight trains only some rows (LoRA's grown
+    vocabulary, ``trained_from``) goes through the unfused pair."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"head_cross_entropy: x {x.shape} and w {w.shape} do not fit: need w of shape (V, {x.shape[-1]})")
+    if _trained_from(w, 0):
+        return cross_entropy(linear_t(x, w), targets, ignore_index)
+    xp = xp_of(x.data)
+    t = _checked_targets(xp, targets, x.shape[:-1], w.shape[0], int(ignore_index), "head_cross_entropy")
+    return HeadCrossEntropy.apply(x, w, targets=t, ignore_index=int(ignore_index))
+
+
 # ---- embedding ------------------------------------------------------------------------------
 class Embedding(Function):
     def forward(self, weight, ids):  # (V, C), ids (...) -> (..., C)

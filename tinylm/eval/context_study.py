@@ -139,7 +139,7 @@ def measure(spec: dict) -> dict:
 
     def step(xb):
         store.zero_grad()
-        _, loss = model(xb[:, :-1], xb[:, 1:])
+        _, loss = model(xb[:, :-1], xb[:, 1:], return_logits=False)
         loss.backward()
         opt.step()
 

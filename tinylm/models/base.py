@@ -3,13 +3,16 @@
 A model is a Module with a ``config`` (a dataclass with ``block_size`` and ``vocab_size``), a
 ``model_type`` (its key in tinylm.models.registry), and one forward:
 
-    forward(idx, targets=None, cache=None, start=None) -> (logits, loss)
+    forward(idx, targets=None, cache=None, start=None, ignore_index=-100, return_logits=True)
+        -> (logits, loss)
 
 ``idx`` (B, T) integer ids; with ``targets`` (B, T) the mean cross-entropy (``ignore_index``
-rows left out); with ``cache`` (a KVCache from ``new_cache``) the T new tokens sit at positions
-``start..start+T-1`` (default: ``cache.pos``) and attend over the cached ones. Training and
-generation run the same block code; generation itself lives in tinylm.generate, written once
-for every model.
+rows left out); with ``return_logits=False`` as well, (None, loss) from the fused LM head +
+cross-entropy, which never makes the (B, T, V) logits (what training calls; also
+``model.loss(idx, targets)``); with ``cache`` (a KVCache from ``new_cache``) the T new tokens
+sit at positions ``start..start+T-1`` (default: ``cache.pos``) and attend over the cached ones.
+Training and generation run the same block code; generation itself lives in tinylm.generate,
+written once for every model.
 """
 from __future__ import annotations
 
@@ -36,8 +39,27 @@ class ConfigFromDict:
 class LanguageModel(Module):
     model_type = "?"
 
-    def __call__(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100):
-        return self.forward(idx, targets, cache, start, ignore_index)
+    def __call__(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100,
+                 return_logits: bool = True):
+        if return_logits:  # the keyword only when it matters: wrappers of forward keep working
+            return self.forward(idx, targets, cache, start, ignore_index)
+        return self.forward(idx, targets, cache, start, ignore_index, return_logits=False)
+
+    def loss(self, idx, targets, ignore_index: int = -100):
+        """The mean cross-entropy alone, through the fused LM head + cross-entropy (the (B, T, V)
+        logits are never made: kernels/head_ce.py): what training calls."""
+        return self(idx, targets, ignore_index=ignore_index, return_logits=False)[1]
+
+    @staticmethod
+    def _head(x, w, targets, ignore_index: int, return_logits: bool):
+        """(logits, loss) from the final hidden states x (B, T, C) and the head's weight w (V, C).
+        With targets and ``return_logits=False``: (None, loss) from the fused head + loss."""
+        from tinylm import functional as F  # noqa: PLC0415
+
+        if targets is not None and not return_logits:
+            return None, F.head_cross_entropy(x, w, targets, ignore_index)
+        logits = F.linear_t(x, w)  # (B, T, C) @ (V, C)^T
+        return logits, None if targets is None else F.cross_entropy(logits, targets, ignore_index)
 
     # ---- helpers for forward ----------------------------------------------------------------
     def _check_input(self, idx, cache, start):

@@ -100,8 +100,10 @@ class GPT(LanguageModel):
         self.dropout_rng = np.random.default_rng(seed + 1)  # only used when dropout > 0
 
     # ---- the one forward: training, evaluation and generation -------------------------------
-    def forward(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100):
-        """idx (B, T) integer ids -> (logits (B, T, V), mean cross-entropy or None).
+    def forward(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100,
+                return_logits: bool = True):
+        """idx (B, T) integer ids -> (logits (B, T, V), mean cross-entropy or None); with
+        targets and ``return_logits=False``, (None, loss) from the fused head + cross-entropy.
 
         With a KV cache (``new_cache``), the T tokens are at positions start.. (default
         cache.pos) and attend over the cached ones; the cache then holds start + T positions."""
@@ -113,10 +115,8 @@ class GPT(LanguageModel):
         for layer, block in enumerate(self.h):
             x = block(x, self.dropout_rng, cache, layer, start)
         x = self.ln_f(x)
-        logits = F.linear_t(x, self.wte.weight)  # tied head: (B, T, C) @ (V, C)^T
         self._advance(cache, start, T)
-        loss = None if targets is None else F.cross_entropy(logits, targets, ignore_index)
-        return logits, loss
+        return self._head(x, self.wte.weight, targets, ignore_index, return_logits)  # tied head: x @ wte^T
 
     def _any_weight(self):
         return self.wte.weight.data

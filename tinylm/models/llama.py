@@ -151,9 +151,11 @@ class Llama(LanguageModel):
         self._cos, self._sin = to_device(self._cos, device), to_device(self._sin, device)
         return self
 
-    def forward(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100):
-        """idx (B, T) integer ids -> (logits (B, T, V), mean cross-entropy or None); with a
-        KV cache the T tokens sit at positions start.. (default cache.pos)."""
+    def forward(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100,
+                return_logits: bool = True):
+        """idx (B, T) integer ids -> (logits (B, T, V), mean cross-entropy or None); with
+        targets and ``return_logits=False``, (None, loss) from the fused head + cross-entropy;
+        with a KV cache the T tokens sit at positions start.. (default cache.pos)."""
         idx, start = self._check_input(idx, cache, start)
         T = idx.shape[1]
         pos = self._dev(self._positions(start, T))  # (T,), or (B, T) with a start per row
@@ -163,10 +165,8 @@ class Llama(LanguageModel):
             x = block(x, cos, sin, cache, layer, start)
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear_t(x, head)  # (B, T, C) @ (V, C)^T
         self._advance(cache, start, T)
-        loss = None if targets is None else F.cross_entropy(logits, targets, ignore_index)
-        return logits, loss
+        return self._head(x, head, targets, ignore_index, return_logits)  # x @ head^T
 
     def new_cache(self, batch: int) -> KVCache:
         c = self.config

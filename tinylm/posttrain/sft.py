@@ -26,7 +26,7 @@ class SFT(Objective):
         n = int((y != IGNORE).sum())
         if n == 0:
             return None, {}
-        _, loss = model(x, y, ignore_index=IGNORE)
+        _, loss = model(x, y, ignore_index=IGNORE, return_logits=False)  # fused head + loss
         return loss, {"trained_tokens": float(n)}
 
 
@@ -50,7 +50,7 @@ def evaluate_sft(model, batches) -> float:
         for x, y in batches:
             n = int((y != IGNORE).sum())
             if n:
-                total += model(x, y, ignore_index=IGNORE)[1].item() * n
+                total += model(x, y, ignore_index=IGNORE, return_logits=False)[1].item() * n
                 count += n
     model.train(was)
     return total / max(count, 1) if count else float("nan")

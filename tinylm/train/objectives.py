@@ -37,5 +37,5 @@ class NextToken(Objective):
 
     def loss(self, model, batch):
         x, y = batch
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)  # fused head + loss: no (B, T, V) logits
         return loss, {}

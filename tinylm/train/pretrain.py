@@ -80,7 +80,7 @@ def evaluate(model, batches) -> float:
     total = 0.0
     with no_grad():
         for x, y in batches:
-            total += model(x, y)[1].item()
+            total += model(x, y, return_logits=False)[1].item()
     model.train(was)
     return total / len(batches)
 

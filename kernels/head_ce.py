@@ -1,0 +1,304 @@
+"""LM head + cross-entropy fused: loss of (x @ w^T) against targets, the (N, V) logits never whole.
+
+Math (row n: x_n (C,), targets t_n; w (V, C); logits z_n = w x_n (V,)):
+    lse_n  = m + log(sum_j exp(z_nj - m)),  m = max_j z_nj
+    loss_n = lse_n - z_n,t_n                        (0 where t_n == ignore_index)
+    the objective is L = scale * sum_n loss_n (the caller passes scale = 1 / n_valid), so
+    dz_n   = scale * (softmax(z_n) - onehot(t_n))   (0 where t_n == ignore_index)
+    dx     = dz @ w   (N, C),   dw = dz^T @ x   (V, C)
+Shapes: N rows (B*T), C channels, V vocabulary. x (N, C), w (V, C), targets (N,) int64;
+outputs loss_rows, lse (N,), dx (N, C) or None, dw (V, C) or None.
+
+One op, ``head_ce(x, w, targets, ignore_index, scale, want_dx, want_dw)``: the forward *and* the
+gradients, computed row chunk by row chunk in one sweep, so a chunk's logits (at most ROWS x V)
+are the only logits that ever exist. The gradient is linear in the loss's incoming gradient
+(dout, a scalar: 1, or a loss scale, or 1/accumulation steps), so the autograd op
+(tinylm.functional.HeadCrossEntropy) keeps dx and dw from this sweep and its backward only
+multiplies them by dout. Why not the textbook split (forward keeps lse, backward recomputes each
+chunk's logits): that costs a fourth (N, C, V) GEMM per step, the largest product in the model
+(version log v1: +33% of the head's GEMM time, 6.4 GFLOP at M, 79 at L), where keeping dw
+costs one (V, C) array between forward and backward, smaller than the (N, V) logits it replaces
+whenever N > C (M: 12.6 MB against 67 MB of logits and 67 more of their gradient; L: 155 MB
+against 206 + 206). ``want_dx`` / ``want_dw`` False (evaluation, a frozen head) skip that work.
+Ignored rows: lse is reported 0 for them (their logits are never computed on the CPU path).
+
+CPU ("cpu"): the rows with a target (ignored ones dropped first: SFT masks whole prompts) are cut
+into chunks of ROWS rows; for each chunk the vocabulary is cut into blocks of VB columns, a
+contiguous range of blocks per Numba thread. A thread, for each of its blocks: one
+single-threaded BLAS GEMM z = x_chunk @ w_block^T into the chunk buffer (kernels/_blas.py;
+OpenBLAS's own pool held at one thread, as kernels/matmul.py), then the block's per-row max and
+sum of exp while the block is in L2 (the online-softmax combination: partial (m_b, s_b) per
+block, lse = M + log sum_b s_b exp(m_b - M)). After the per-row combination a second parallel
+pass, same blocks: z -> scale (exp(z - lse) - onehot) in place, dw_block += dz_block^T x_chunk
+(each thread owns its blocks' rows of dw: no race, no reduction) and dx_partial += dz_block
+w_block (one (ROWS, C) partial per thread, summed after). fexp (kernels/_mathfn.py) for exp.
+GPU ("gpu"): per chunk, cuBLAS products (CuPy matmul) around kernels/cross_entropy.py's GPU
+kernels (forward, then the backward kernel writes dz), dx and dw as two more products.
+
+Leaves out: label smoothing, z-loss, logit soft-capping, a bias on the head, the grown-rows
+head of LoRA (tinylm.functional falls back to linear_t + cross_entropy there).
+References: the chunked/fused linear cross-entropy of Liger-Kernel (FusedLinearCrossEntropy)
+and Wijmans et al. 2024 "Cut Your Losses in Large-Vocabulary Language Models" for the idea;
+Milakov & Gimelshein 2018 for the online softmax combination. Written from the math above.
+
+Version log (python -m kernels.head_ce: N=2048, C=384, V=8192 float32, 2 threads, the fused op
+against the unfused kernels in the same process; step times from benchmarks/train_step.py):
+  v1 cpu: row chunks of ROWS=256, vocabulary blocks of VB=1024 per thread, BLAS GEMMs from
+     Numba, gradients in the forward sweep (no recompute). Correct against the reference and
+     the unfused composition (tests/test_head_ce.py); timings in the next entry.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from kernels._common import FASTMATH, array_module, main_check
+from kernels._mathfn import fexp
+from kernels.registry import register
+
+ROWS = 256       # rows per chunk (the chunk's logits: ROWS x V)
+VB = 1024        # vocabulary columns per block: ROWS x VB fp32 = 1 MiB, one core's L2
+REF_ROWS = 1024  # the reference's chunk (it is a NumPy composition: any size gives the same math)
+
+
+def _empty_results(xp, x, w, want_dx, want_dw):
+    N = x.shape[0]
+    return (xp.zeros(N, dtype=x.dtype), xp.zeros(N, dtype=x.dtype),
+            xp.zeros_like(x) if want_dx else None, xp.zeros_like(w) if want_dw else None)
+
+
+@register("head_ce", "ref")
+def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw):
+    # (N,C), (V,C), (N,), int, float, bool, bool -> loss (N,), lse (N,), dx (N,C)|None, dw (V,C)|None
+    xp = array_module(x)
+    loss, lse, dx, dw = _empty_results(xp, x, w, want_dx, want_dw)
+    for r0 in range(0, x.shape[0], REF_ROWS):
+        rows = slice(r0, r0 + REF_ROWS)
+        xc, t = x[rows], targets[rows]
+        z = xc @ w.T  # (R, V): this chunk's logits
+        m = z.max(axis=1)
+        l = m + xp.log(xp.exp(z - m[:, None]).sum(axis=1))
+        valid = t != ignore_index
+        n = xp.arange(len(t))
+        picked = z[n, xp.where(valid, t, 0)]
+        loss[rows] = xp.where(valid, l - picked, 0)
+        lse[rows] = xp.where(valid, l, 0)
+        if want_dx or want_dw:
+            d = xp.exp(z - l[:, None])  # softmax
+            d[n[valid], t[valid]] -= 1
+            d *= xp.where(valid, scale, 0).astype(x.dtype)[:, None]
+            if want_dx:
+                dx[rows] = d @ w
+            if want_dw:
+                dw += d.T @ xc
+    return loss, lse, dx, dw
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba CPU + BLAS (see the docstring). gemm: the CBLAS ctypes function, an argument so the
+# kernel stays cacheable (kernels/_blas.py). Arrays are C-contiguous; Z is the chunk buffer
+# (ROWS, V); pm, ps (nblk, ROWS) the blocks' partial max / sum; pz (ROWS,) the target's logit;
+# dxp (nthreads, ROWS, C) the per-thread dx partials.
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
+def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, R, vb, nth,
+                 loss, lse, dx, dw, Z, pm, ps, pz, dxp):
+    N, C = x.shape
+    V = w.shape[0]
+    nblk = (V + vb - 1) // vb
+    isz = x.itemsize
+    zero = scale - scale
+    one = zero + 1
+    xa0, wa, za, dwa, dxpa = x.ctypes.data, w.ctypes.data, Z.ctypes.data, dw.ctypes.data, dxp.ctypes.data
+    for r0 in range(0, N, R):
+        nr = min(R, N - r0)
+        xa = xa0 + r0 * C * isz
+        # pass 1: logits of each block, then its per-row max and sum of exp(z - max)
+        for th in prange(nth):
+            for b in range(nblk * th // nth, nblk * (th + 1) // nth):
+                v0 = b * vb
+                v1 = min(V, v0 + vb)
+                gemm(101, 111, 112, nr, v1 - v0, C, one, xa, C, wa + v0 * C * isz, C, zero,
+                     za + v0 * isz, V)
+                for r in range(nr):
+                    z = Z[r, v0:v1]
+                    m = z[0]
+                    for j in range(1, v1 - v0):
+                        m = max(m, z[j])
+                    s = zero
+                    for j in range(v1 - v0):
+                        s += fexp(z[j] - m)
+                    pm[b, r] = m
+                    ps[b, r] = s
+                    t = targets[r0 + r]
+                    if v0 <= t < v1:
+                        pz[r] = z[t - v0]
+        # combine the blocks: lse = M + log(sum_b s_b exp(m_b - M)), M = max_b m_b
+        for r in range(nr):
+            M = pm[0, r]
+            for b in range(1, nblk):
+                M = max(M, pm[b, r])
+            s = zero
+            for b in range(nblk):
+                s += ps[b, r] * fexp(pm[b, r] - M)
+            l = M + np.log(s)
+            lse[r0 + r] = l
+            loss[r0 + r] = l - pz[r]
+        if not (want_dx or want_dw):
+            continue
+        # pass 2: dz = scale (softmax - onehot) in place; dw rows of the block += dz^T x_chunk;
+        # this thread's dx partial += dz_block w_block
+        for th in prange(nth):
+            first = True
+            for b in range(nblk * th // nth, nblk * (th + 1) // nth):
+                v0 = b * vb
+                v1 = min(V, v0 + vb)
+                for r in range(nr):
+                    z = Z[r, v0:v1]
+                    l = lse[r0 + r]
+                    for j in range(v1 - v0):
+                        z[j] = scale * fexp(z[j] - l)
+                    t = targets[r0 + r]
+                    if v0 <= t < v1:
+                        z[t - v0] -= scale
+                if want_dw:  # dw[v0:v1] (+)= dz[:, v0:v1]^T x_chunk; overwritten by the first chunk
+                    gemm(101, 112, 111, v1 - v0, C, nr, one, za + v0 * isz, V, xa, C,
+                         zero if r0 == 0 else one, dwa + v0 * C * isz, C)
+                if want_dx:
+                    gemm(101, 111, 111, nr, C, v1 - v0, one, za + v0 * isz, V, wa + v0 * C * isz, C,
+                         zero if first else one, dxpa + th * R * C * isz, C)
+                first = False
+        if want_dx:
+            for r in prange(nr):
+                for c in range(C):
+                    s = dxp[0, r, c]
+                    for th in range(1, nth):
+                        s += dxp[th, r, c]
+                    dx[r0 + r, c] = s
+
+
+def _new(shape, dtype):
+    return np.empty(shape, dtype=dtype)
+
+
+@register("head_ce", "cpu")
+def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, *, rows=None, vb=None):
+    from kernels._blas import blas_single_threaded, gemm_for  # noqa: PLC0415
+    gemm = gemm_for(x.dtype) if x.dtype == w.dtype else None
+    if gemm is None:  # no OpenBLAS GEMM to call from Numba (MKL, Accelerate): the reference
+        return head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw)
+    N, C = x.shape
+    V = w.shape[0]
+    loss, lse, dx, dw = _empty_results(np, x, w, want_dx, want_dw)
+    valid = np.flatnonzero(targets != ignore_index)
+    if len(valid) == 0 or C == 0:
+        return loss, lse, dx, dw
+    every = len(valid) == N
+    xv = np.ascontiguousarray(x) if every else x[valid]  # rows with a target only
+    tv = np.ascontiguousarray(targets, dtype=np.int64) if every else targets[valid].astype(np.int64)
+    wc = np.ascontiguousarray(w)
+    n = len(valid)
+    R = min(rows or ROWS, n)
+    vb = min(vb or VB, V)
+    nblk = (V + vb - 1) // vb
+    nth = max(1, min(get_num_threads(), nblk))
+    new = _new  # np.empty; tests make it NaN-filled (a loop that did not run leaves NaN)
+    lv, sv = new(n, x.dtype), new(n, x.dtype)
+    dxv = new(xv.shape if want_dx else (0, C), x.dtype)
+    dwv = new(wc.shape if want_dw else (0, C), x.dtype)
+    Z = new((R, V), x.dtype)
+    pm, ps, pz = new((nblk, R), x.dtype), new((nblk, R), x.dtype), new(R, x.dtype)
+    dxp = new((nth if want_dx else 1, R, C), x.dtype)
+    with blas_single_threaded():
+        _head_ce_cpu(gemm, xv, wc, tv, x.dtype.type(scale), bool(want_dx), bool(want_dw), R, vb, nth,
+                     lv, sv, dxv, dwv, Z, pm, ps, pz, dxp)
+    if every:
+        loss, lse = lv, sv
+        dx = dxv if want_dx else None
+    else:
+        loss[valid], lse[valid] = lv, sv
+        if want_dx:
+            dx[valid] = dxv
+    return loss, lse, dx, (dwv if want_dw else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: per chunk, cuBLAS products around the cross-entropy GPU kernels (kernels/cross_entropy.py).
+
+GPU_ROWS = 4096
+
+
+@register("head_ce", "gpu")
+def head_ce_gpu(x, w, targets, ignore_index, scale, want_dx, want_dw):
+    from kernels.cross_entropy import cross_entropy_bwd_gpu, cross_entropy_fwd_gpu  # noqa: PLC0415
+    xp = array_module(x)
+    loss, lse, dx, dw = _empty_results(xp, x, w, want_dx, want_dw)
+    wt = w.T
+    for r0 in range(0, x.shape[0], GPU_ROWS):
+        rows = slice(r0, r0 + GPU_ROWS)
+        xc = xp.ascontiguousarray(x[rows])
+        t = xp.ascontiguousarray(targets[rows])
+        z = xp.ascontiguousarray(xp.matmul(xc, wt))  # (R, V)
+        lr, l = cross_entropy_fwd_gpu(z, t, ignore_index)
+        valid = t != ignore_index
+        loss[rows] = lr
+        lse[rows] = xp.where(valid, l, 0)
+        if want_dx or want_dw:
+            g = xp.full(t.shape, scale, dtype=x.dtype)
+            d = cross_entropy_bwd_gpu(z, t, l, g, ignore_index)  # scale (softmax - onehot), 0 if ignored
+            if want_dx:
+                dx[rows] = xp.matmul(d, w)
+            if want_dw:
+                dw += xp.matmul(d.T, xc)
+    return loss, lse, dx, dw
+
+
+def gpu_kernels_for_ptx():
+    """(name, python function, float32 signature) of each GPU kernel, for compile_ptx checks:
+    none of its own (cuBLAS, and kernels/cross_entropy.py's kernels, checked there)."""
+    return []
+
+
+VARIANTS = {"head_ce": {"ref": head_ce_ref, "cpu": head_ce_cpu, "gpu": head_ce_gpu}}
+
+
+if __name__ == "__main__":
+    N, C, V = 2048, 384, 8192  # config M: B*T = 8*256 rows, 384 wide, vocabulary 8192
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((N, C)).astype(np.float32)
+    ws = (0.02 * rng.standard_normal((V, C))).astype(np.float32)
+    ts = rng.integers(0, V, N)
+    ts[::7] = -100
+    sc = 1.0 / int((ts != -100).sum())
+    main_check(VARIANTS, {"head_ce": (lambda xp: (xp.asarray(xs), xp.asarray(ws), xp.asarray(ts), -100, sc,
+                                                  True, True), ())})
+
+    # the whole head + loss, forward and gradients, fused against the unfused kernels tinylm ran
+    # before (matmul, cross_entropy fwd/bwd, two matmuls), alternating, in this one process
+    import sys
+    import time
+
+    from kernels.cross_entropy import cross_entropy_bwd_cpu, cross_entropy_fwd_cpu
+    from kernels.matmul import matmul_acc_cpu, matmul_cpu
+
+    def unfused():
+        z = matmul_cpu(xs, ws.T)
+        _, l = cross_entropy_fwd_cpu(z, ts, -100)
+        d = cross_entropy_bwd_cpu(z, ts, l, np.full(N, sc, dtype=np.float32), -100)
+        dwu = np.zeros_like(ws)
+        matmul_acc_cpu(d.T, xs, dwu)
+        return matmul_cpu(d, ws), dwu
+
+    rows = [int(a) for a in sys.argv[1].split(",")] if len(sys.argv) > 1 else [ROWS]
+    fns = {"unfused": unfused} | {f"fused rows={r}": (lambda r=r: head_ce_cpu(xs, ws, ts, -100, sc, True, True, rows=r))
+                                  for r in rows}
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(5):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    for k, v in times.items():
+        print(f"head + loss fwd+grads {k:16s} median {1e3 * np.median(v):8.1f} ms  min {1e3 * min(v):8.1f} ms")
