@@ -37,7 +37,11 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
 - generation: config M, batch 1, a 16-token prompt, greedy, ``--gen-tokens`` new tokens with a
   KV cache (tinylm's ``generate_iter``; a plain KV-cache loop over the same weights in torch);
   tokens/s over the new tokens, the prompt's prefill included; the two token sequences are
-  compared (same weights, greedy: they agree until a near-tie in float32 rounding).
+  compared (same weights, greedy: they agree until a near-tie in float32 rounding). Then batch
+  ``--gen-batch`` (default 8: several sequences in one cache, each its own 16-token prompt),
+  tokens/s counting every row's tokens, against the same framework's batch 1. The rounds
+  (``--rounds``) alternate tinylm and PyTorch, batch 1 and batch B, and keep each one's fastest;
+  ``--only-gen`` runs the generation part alone (no training steps).
 - the OpenBLAS override: these machines set OPENBLAS_CORETYPE=Haswell and OPENBLAS_L2_SIZE=512
   (docs/performance.md), which make NumPy's OpenBLAS run its AVX2 kernels on an AVX-512 CPU. A
   user's machine has no such override. ``--blas-env both`` (the default) runs every measurement
@@ -57,7 +61,8 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   per parameter as the store holds them against the ZeRO paper's 16.
 
 Usage: .venv/bin/python benchmarks/train_step.py [--configs S,M,L] [--steps N] [--warmup W]
-       [--threads 2] [--gen-tokens 200] [--no-gen] [--no-profile] [--profile-config M] [--json FILE]
+       [--threads 2] [--gen-tokens 200] [--gen-batch 8] [--no-gen | --only-gen] [--no-profile]
+       [--profile-config M] [--json FILE]
 L needs ~3-4 GB and a minute or more per framework on 2 cores: leave it out with --configs S,M.
 PyTorch is optional: without it only tinylm's columns are printed.
 Leaves out: GPU (a later issue), torch.compile (43 s to compile at M, no faster: docs/performance.md,
@@ -171,7 +176,7 @@ def worker_tinylm(c: dict, args) -> dict:
     # warm-up on a tiny model: Numba loads its cached kernels (or compiles) outside the measurement
     tiny = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
     topt = AdamW(tiny.param_groups(WD), lr=LR)
-    _, l0 = tiny(np.zeros((2, 8), np.int64), np.ones((2, 8), np.int64))
+    _, l0 = tiny(np.zeros((2, 8), np.int64), np.ones((2, 8), np.int64), return_logits=False)
     l0.backward()
     topt.clip_grad_norm(CLIP)
     topt.step()
@@ -299,13 +304,15 @@ def profile_tinylm(model, opt, data, n: int = 2) -> dict:
 def gen_tinylm(model, c, args) -> dict:
     import numpy as np
 
-    prompt = np.random.default_rng(1).integers(0, c["vocab_size"], (1, PROMPT_LEN))
+    prompt = np.random.default_rng(1).integers(0, c["vocab_size"], (args.gen_batch, PROMPT_LEN))
     for _ in model.generate_iter(prompt, 4, temperature=0.0):  # warm-up
         pass
     t = time.perf_counter()
-    toks = [int(t_[0]) for t_ in model.generate_iter(prompt, args.gen_tokens, temperature=0.0)]
+    steps = list(model.generate_iter(prompt, args.gen_tokens, temperature=0.0))
     dt = time.perf_counter() - t
-    return {"gen_s": dt, "gen_tokens_per_s": len(toks) / dt, "tokens": toks}
+    toks = [int(t_[0]) for t_ in steps]  # row 0's tokens (the comparison with PyTorch)
+    return {"gen_s": dt, "gen_tokens_per_s": len(steps) * args.gen_batch / dt, "tokens": toks,
+            "batch": args.gen_batch}
 
 
 # ---- PyTorch worker ---------------------------------------------------------------------------
@@ -545,12 +552,13 @@ def gen_torch(model, c, args) -> dict:
     import numpy as np
     import torch
 
-    prompt = torch.from_numpy(np.random.default_rng(1).integers(0, c["vocab_size"], (1, PROMPT_LEN)))
+    B = args.gen_batch
+    prompt = torch.from_numpy(np.random.default_rng(1).integers(0, c["vocab_size"], (B, PROMPT_LEN)))
     hs = c["n_embd"] // c["n_head"]
     nkv = c.get("n_kv_head", c["n_head"])
 
     def run(n):
-        cache = [(torch.zeros(1, nkv, c["block_size"], hs), torch.zeros(1, nkv, c["block_size"], hs))
+        cache = [(torch.zeros(B, nkv, c["block_size"], hs), torch.zeros(B, nkv, c["block_size"], hs))
                  for _ in range(c["n_layer"])]
         logits = model.forward_cached(prompt, cache, 0)
         pos, out = PROMPT_LEN, []
@@ -565,7 +573,7 @@ def gen_torch(model, c, args) -> dict:
     t = time.perf_counter()
     toks = run(args.gen_tokens)
     dt = time.perf_counter() - t
-    return {"gen_s": dt, "gen_tokens_per_s": len(toks) / dt, "tokens": toks}
+    return {"gen_s": dt, "gen_tokens_per_s": len(toks) * B / dt, "tokens": toks, "batch": B}
 
 
 # ---- parent: run the workers, print the table -------------------------------------------------
@@ -604,7 +612,8 @@ def run_worker(framework: str, cfg_name: str, mode: str, args, init_dir: str, pr
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--configs", cfg_name, "--mode", mode,
            "--steps", str(args.steps_for(cfg_name)), "--warmup", str(args.warmup_for(cfg_name)),
-           "--threads", n, "--gen-tokens", str(args.gen_tokens), "--init-dir", init_dir]
+           "--threads", n, "--gen-tokens", str(args.gen_tokens), "--init-dir", init_dir,
+           "--gen-batch", str(getattr(args, "gen_batch_run", 1))]
     if profile:
         cmd.append("--profile")
     if getattr(args, "dtype", "fp32") != "fp32":
@@ -693,7 +702,7 @@ def measure(args, names, llamas, have_torch, mode) -> dict:
     print(f"OpenBLAS {ceiling['corename']}: float32 GEMM ceiling {ceiling['gflops']:,.0f} GFLOP/s", flush=True)
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="tinylm-bench-") as tmp:
-        for name in names:
+        for name in ([] if args.only_gen else names):
             init_dir = os.path.join(tmp, name)
             runs = {"tinylm": [], "torch": []}
             for r in range(args.rounds):  # alternate the two, so a burst of load hits both alike
@@ -714,15 +723,26 @@ def measure(args, names, llamas, have_torch, mode) -> dict:
             rows.append((name, ours, theirs))
             results[name] = {"tinylm": ours, "torch": theirs, "rounds": runs}
         gen_names = ["M"] + (["llama-M"] if "M" in llamas else [])
+        gen_rounds = args.rounds if args.only_gen else 1
+        batches_gen = [1] + ([args.gen_batch] if args.gen_batch > 1 else [])
         for gname in ([] if args.no_gen else gen_names):
-            print(f"generation at {gname}: tinylm ...", end=" ", flush=True)
             init_dir = os.path.join(tmp, f"{gname}-gen")
-            g_ours = run_worker("tinylm", gname, "gen", args, init_dir)
-            g_theirs = run_worker("torch", gname, "gen", args, init_dir) if have_torch else None
-            print("done", flush=True)
-            results[f"generation_{gname}"] = {"tinylm": g_ours, "torch": g_theirs}
+            runs = {(fw, b): [] for fw in ("tinylm", "torch") for b in batches_gen}
+            for r in range(gen_rounds):  # alternate frameworks and batch sizes, keep each one's fastest
+                for b in batches_gen:
+                    args.gen_batch_run = b
+                    for fw in ("tinylm", "torch") if have_torch else ("tinylm",):
+                        print(f"generation at {gname} batch {b} round {r + 1}/{gen_rounds}: {fw} ...", end=" ", flush=True)
+                        runs[(fw, b)].append(run_worker(fw, gname, "gen", args, init_dir))
+                        print(f"{runs[(fw, b)][-1]['gen_tokens_per_s']:,.1f} tokens/s", flush=True)
+            args.gen_batch_run = 1
+            best = {k: (max(v, key=lambda g: g["gen_tokens_per_s"]) if v else None) for k, v in runs.items()}
+            results[f"generation_{gname}"] = {"tinylm": best[("tinylm", 1)], "torch": best[("torch", 1)],
+                                              "batched": {f"{fw}_b{b}": best[(fw, b)] for fw, b in runs},
+                                              "rounds": {f"{fw}_b{b}": v for (fw, b), v in runs.items()}}
 
-    print_train_table(rows, mode, ceiling)
+    if rows:
+        print_train_table(rows, mode, ceiling)
     for name, ours, theirs in rows:
         if name in ("M", "llama-M", args.profile_config.upper()) or len(rows) == 1:
             print_parts(name, ours, theirs)
@@ -741,6 +761,24 @@ def measure(args, names, llamas, have_torch, mode) -> dict:
             same = next((i for i, (a, b) in enumerate(zip(g_ours["tokens"], g_theirs["tokens"])) if a != b), len(g_ours["tokens"]))
             print(f"\nratio tinylm/PyTorch: {g_ours['gen_tokens_per_s'] / g_theirs['gen_tokens_per_s']:.2f}; "
                   f"greedy tokens identical for the first {same} of {len(g_ours['tokens'])}")
+        bat = results[f"generation_{gname}"]["batched"]
+        B = args.gen_batch
+        if B > 1 and bat.get(f"tinylm_b{B}") is not None:
+            print(f"\n## Generation, config {gname}, batch {B} (one cache) vs batch 1, greedy, {PROMPT_LEN}-token "
+                  f"prompts + {args.gen_tokens} new; tokens/s counts all rows\n")
+            print(f"| framework | batch 1 tokens/s | batch {B} tokens/s | batch {B} ms/step | x batch 1 |")
+            print("|---|---|---|---|---|")
+            for fw, name in (("tinylm", "tinylm"), ("torch", "PyTorch")):
+                one, many = bat.get(f"{fw}_b1"), bat.get(f"{fw}_b{B}")
+                if one is not None and many is not None:
+                    print(f"| {name} | {one['gen_tokens_per_s']:,.1f} | {many['gen_tokens_per_s']:,.1f} | "
+                          f"{1e3 * B / many['gen_tokens_per_s']:.2f} | {many['gen_tokens_per_s'] / one['gen_tokens_per_s']:.2f} |")
+            if bat.get(f"torch_b{B}") is not None:
+                print(f"\nbatch {B} ratio tinylm/PyTorch: "
+                      f"{bat[f'tinylm_b{B}']['gen_tokens_per_s'] / bat[f'torch_b{B}']['gen_tokens_per_s']:.2f}; "
+                      f"row 0's greedy tokens identical for the first "
+                      f"{next((i for i, (a, b) in enumerate(zip(bat[f'tinylm_b{B}']['tokens'], bat[f'torch_b{B}']['tokens'])) if a != b), len(bat[f'tinylm_b{B}']['tokens']))}"
+                      f" of {len(bat[f'tinylm_b{B}']['tokens'])}")
     results["ceiling"] = ceiling
     return results
 
@@ -794,6 +832,10 @@ def main(argv=None) -> int:
                          "framework's fastest round (for a machine whose load varies)")
     ap.add_argument("--gen-tokens", type=int, default=200)
     ap.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
+    ap.add_argument("--only-gen", action="store_true",
+                    help="only the generation benchmark (batch 1 and --gen-batch, --rounds alternating rounds)")
+    ap.add_argument("--gen-batch", type=int, default=8,
+                    help="also generate this many sequences in one cache, against batch 1 (default 8; 1: batch 1 only)")
     ap.add_argument("--no-torch", action="store_true", help="tinylm only")
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)  # worker flag
     ap.add_argument("--no-profile", action="store_true", help="skip the per-op profile")
@@ -810,6 +852,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["train", "gen"], default="train", help=argparse.SUPPRESS)
     ap.add_argument("--init-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.only_gen and args.no_gen:
+        ap.error("--only-gen and --no-gen exclude each other")
+    if args.gen_batch < 1:
+        ap.error("--gen-batch must be >= 1")
     if args.worker == "ceiling":
         print("RESULT " + json.dumps(worker_ceiling(args)), flush=True)
         return 0
