@@ -40,9 +40,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng) -> np.ndarray:
     """Pick one token per row of logits (B, V). temperature 0 is greedy; top_k keeps the k most
     likely; top_p keeps the smallest set whose probability reaches p (nucleus)."""
+    if temperature == 0:  # float32 -> float64 is exact and keeps the order: argmax of the logits as given
+        return np.asarray(logits).argmax(axis=-1)
     logits = np.asarray(logits, dtype=np.float64)
-    if temperature == 0:
-        return logits.argmax(axis=-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]

@@ -10,6 +10,9 @@ then ``start`` is an int array (B,), each row writes at its own position, and at
 each row's keys past its own end. ``row(r)`` is a batch-1 view of row r, so a request's prompt
 can be prefilled into its row alone.
 
+``work`` holds the scratch arrays of the one-token decoding step (tinylm/models/decode.py),
+so a generated token allocates no per-layer buffers.
+
 Leaves out: paged or ring-buffer caches (when the context fills, tinylm.generate restarts the
 cache from the last half window).
 """
@@ -26,6 +29,7 @@ class KVCache:
         self.v = [xp.zeros(shape, dtype) for _ in range(n_layer)]
         self.max_len, self.batch = max_len, batch
         self.pos = 0  # positions 0 .. pos-1 hold keys and values
+        self.work = {}  # scratch arrays of the one-token step (tinylm/models/decode.py), kept between steps
 
     def row(self, r: int) -> "KVCache":
         """A batch-1 cache whose arrays are views of row r of this one."""
@@ -33,6 +37,7 @@ class KVCache:
         view.k = [K[r:r + 1] for K in self.k]
         view.v = [V[r:r + 1] for V in self.v]
         view.max_len, view.batch, view.pos = self.max_len, 1, 0
+        view.work = {}
         return view
 
     def update(self, layer: int, k, v, start):

@@ -26,6 +26,7 @@ import numpy as np
 from tinylm import functional as F
 from tinylm.models.base import ConfigFromDict, LanguageModel
 from tinylm.models.cache import KVCache
+from tinylm.models.decode import gpt_step
 from tinylm.nn import Embedding, LayerNorm, Linear, Module
 
 
@@ -108,6 +109,8 @@ class GPT(LanguageModel):
         With a KV cache (``new_cache``), the T tokens are at positions start.. (default
         cache.pos) and attend over the cached ones; the cache then holds start + T positions."""
         idx, start = self._check_input(idx, cache, start)
+        if cache is not None and (fast := gpt_step(self, idx, cache, start, targets)) is not None:
+            return fast, None  # one new token per row: one kernel call per block (models/decode.py)
         T = idx.shape[1]
         pos = self._dev(self._positions(start, T))
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C) + (T, C), or + (B, T, C) with a start per row

@@ -33,6 +33,7 @@ from kernels.rope import rope_tables
 from tinylm import functional as F
 from tinylm.models.base import ConfigFromDict, LanguageModel
 from tinylm.models.cache import KVCache
+from tinylm.models.decode import llama_step
 from tinylm.nn import Embedding, Linear, Module, RMSNorm
 
 
@@ -157,6 +158,8 @@ class Llama(LanguageModel):
         targets and ``return_logits=False``, (None, loss) from the fused head + cross-entropy;
         with a KV cache the T tokens sit at positions start.. (default cache.pos)."""
         idx, start = self._check_input(idx, cache, start)
+        if cache is not None and (fast := llama_step(self, idx, cache, start, targets)) is not None:
+            return fast, None  # one new token per row: one kernel call per block (models/decode.py)
         T = idx.shape[1]
         pos = self._dev(self._positions(start, T))  # (T,), or (B, T) with a start per row
         cos, sin = self._cos[pos], self._sin[pos]
