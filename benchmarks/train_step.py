@@ -41,7 +41,9 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   ``--gen-batch`` (default 8: several sequences in one cache, each its own 16-token prompt),
   tokens/s counting every row's tokens, against the same framework's batch 1. The rounds
   (``--rounds``) alternate tinylm and PyTorch, batch 1 and batch B, and keep each one's fastest;
-  ``--only-gen`` runs the generation part alone (no training steps).
+  ``--only-gen`` runs the generation part alone (no training steps); ``--gen-general`` adds
+  tinylm's batch 1 through its general block code (TINYLM_FAST_DECODE=0), the path before the
+  fused one-token step (tinylm/models/decode.py).
 - the OpenBLAS override: these machines set OPENBLAS_CORETYPE=Haswell and OPENBLAS_L2_SIZE=512
   (docs/performance.md), which make NumPy's OpenBLAS run its AVX2 kernels on an AVX-512 CPU. A
   user's machine has no such override. ``--blas-env both`` (the default) runs every measurement
@@ -607,6 +609,8 @@ def run_worker(framework: str, cfg_name: str, mode: str, args, init_dir: str, pr
     if getattr(args, "blas_mode", "as-is") == "unset":
         for v in BLAS_VARS:
             env.pop(v, None)
+    if framework == "tinylm_general":  # tinylm without its fused one-token step (tinylm/models/decode.py)
+        framework, env["TINYLM_FAST_DECODE"] = "tinylm", "0"
     n = str(args.threads)
     env.update(TINYLM_NUM_THREADS=n, NUMBA_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -727,17 +731,20 @@ def measure(args, names, llamas, have_torch, mode) -> dict:
         batches_gen = [1] + ([args.gen_batch] if args.gen_batch > 1 else [])
         for gname in ([] if args.no_gen else gen_names):
             init_dir = os.path.join(tmp, f"{gname}-gen")
-            runs = {(fw, b): [] for fw in ("tinylm", "torch") for b in batches_gen}
+            fws = ("tinylm", "torch") if have_torch else ("tinylm",)
+            runs = {(fw, b): [] for fw in fws for b in batches_gen}
+            if args.gen_general:
+                runs[("tinylm_general", 1)] = []
             for r in range(gen_rounds):  # alternate frameworks and batch sizes, keep each one's fastest
                 for b in batches_gen:
                     args.gen_batch_run = b
-                    for fw in ("tinylm", "torch") if have_torch else ("tinylm",):
+                    for fw in fws + (("tinylm_general",) if args.gen_general and b == 1 else ()):
                         print(f"generation at {gname} batch {b} round {r + 1}/{gen_rounds}: {fw} ...", end=" ", flush=True)
                         runs[(fw, b)].append(run_worker(fw, gname, "gen", args, init_dir))
                         print(f"{runs[(fw, b)][-1]['gen_tokens_per_s']:,.1f} tokens/s", flush=True)
             args.gen_batch_run = 1
             best = {k: (max(v, key=lambda g: g["gen_tokens_per_s"]) if v else None) for k, v in runs.items()}
-            results[f"generation_{gname}"] = {"tinylm": best[("tinylm", 1)], "torch": best[("torch", 1)],
+            results[f"generation_{gname}"] = {"tinylm": best[("tinylm", 1)], "torch": best.get(("torch", 1)),
                                               "batched": {f"{fw}_b{b}": best[(fw, b)] for fw, b in runs},
                                               "rounds": {f"{fw}_b{b}": v for (fw, b), v in runs.items()}}
 
@@ -754,7 +761,9 @@ def measure(args, names, llamas, have_torch, mode) -> dict:
               f"{args.gen_tokens} new\n")
         print("| framework | tokens/s | ms/token |")
         print("|---|---|---|")
-        for fw, g in (("tinylm", g_ours), ("PyTorch", g_theirs)):
+        g_general = results[f"generation_{gname}"]["batched"].get("tinylm_general_b1")
+        for fw, g in (("tinylm", g_ours), ("tinylm, general path (TINYLM_FAST_DECODE=0)", g_general),
+                      ("PyTorch", g_theirs)):
             if g is not None:
                 print(f"| {fw} | {g['gen_tokens_per_s']:,.1f} | {1e3 / g['gen_tokens_per_s']:.2f} |")
         if g_theirs is not None:
@@ -834,6 +843,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
     ap.add_argument("--only-gen", action="store_true",
                     help="only the generation benchmark (batch 1 and --gen-batch, --rounds alternating rounds)")
+    ap.add_argument("--gen-general", action="store_true",
+                    help="also time tinylm's batch-1 generation without its fused one-token step (the general "
+                         "block code, TINYLM_FAST_DECODE=0): the before/after of tinylm/models/decode.py")
     ap.add_argument("--gen-batch", type=int, default=8,
                     help="also generate this many sequences in one cache, against batch 1 (default 8; 1: batch 1 only)")
     ap.add_argument("--no-torch", action="store_true", help="tinylm only")

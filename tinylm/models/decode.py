@@ -33,7 +33,9 @@ import numpy as np
 from tinylm.nn import LayerNorm, Linear, RMSNorm
 from tinylm.tensor import Tensor, is_grad_enabled
 
-ENABLED = True  # tests set it False to get the general path as the reference
+# tests set it False to get the general path as the reference; TINYLM_FAST_DECODE=0 does the same
+# for a whole process (benchmarks/train_step.py --gen-general: the before/after comparison)
+ENABLED = os.environ.get("TINYLM_FAST_DECODE", "1").strip() != "0"
 
 
 def _variant(name: str):
