@@ -45,7 +45,16 @@ Version log (python -m kernels.head_ce: N=2048, C=384, V=8192 float32, 2 threads
 against the unfused kernels in the same process; step times from benchmarks/train_step.py):
   v1 cpu: row chunks of ROWS=256, vocabulary blocks of VB=1024 per thread, BLAS GEMMs from
      Numba, gradients in the forward sweep (no recompute). Correct against the reference and
-     the unfused composition (tests/test_head_ce.py); timings in the next entry.
+     the unfused composition (tests/test_head_ce.py).
+     Measured (python -m kernels.head_ce 128,256,512; 2026-12-07 03:48 UTC) with the 2 cores at
+     a load average of ~11 (other jobs' benchmarks and test suites: every figure ~30x a quiet
+     machine's, one head GEMM took 1,036-1,262 ms against ~32 quiet), the variants alternating
+     in one process, 5 rounds, median (min): unfused (matmul, cross_entropy fwd + bwd kernels,
+     the dW and dX GEMMs) 7,656 ms (6,033); fused rows=128 4,668 (4,516), rows=256 4,540
+     (3,872), rows=512 3,764 (3,399); one head GEMM alone 1,262 (1,035), the product a
+     recomputing backward would add (+28% on the fused op). Fused / unfused 0.59 at rows=256.
+     ROWS stays 256 until a quiet rerun: 512's lead is inside this noise, and at L (V=50304)
+     its chunk of logits would be 103 MB.
 """
 from __future__ import annotations
 
@@ -290,8 +299,8 @@ if __name__ == "__main__":
         return matmul_cpu(d, ws), dwu
 
     rows = [int(a) for a in sys.argv[1].split(",")] if len(sys.argv) > 1 else [ROWS]
-    fns = {"unfused": unfused} | {f"fused rows={r}": (lambda r=r: head_ce_cpu(xs, ws, ts, -100, sc, True, True, rows=r))
-                                  for r in rows}
+    fns = {"unfused": unfused, "one head GEMM": lambda: matmul_cpu(xs, ws.T)}  # the GEMM a recompute adds
+    fns |= {f"fused rows={r}": (lambda r=r: head_ce_cpu(xs, ws, ts, -100, sc, True, True, rows=r)) for r in rows}
     times = {k: [] for k in fns}
     for f in fns.values():
         f()
@@ -301,4 +310,4 @@ if __name__ == "__main__":
             f()
             times[k].append(time.perf_counter() - t0)
     for k, v in times.items():
-        print(f"head + loss fwd+grads {k:16s} median {1e3 * np.median(v):8.1f} ms  min {1e3 * min(v):8.1f} ms")
+        print(f"{k:16s} median {1e3 * np.median(v):8.1f} ms  min {1e3 * min(v):8.1f} ms")
