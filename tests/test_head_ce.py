@@ -154,6 +154,18 @@ def test_gradient_goes_into_an_existing_buffer():
     np.testing.assert_allclose(buf, 0.5 + dwc, rtol=1e-12, atol=1e-12)
 
 
+def test_backward_twice_with_retain_graph():
+    """The kept dx, dw are not handed to a leaf as its .grad (which later backwards add into)."""
+    x, w, t = case(20, 6, 50, np.float64)
+    xx, ww = leaf(x), leaf(w)
+    loss = F.head_cross_entropy(xx, ww, t, IGN)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    (_, dxc, dwc), = fused_and_composed(x, w, t)[1:]
+    np.testing.assert_allclose(xx.grad, 3 * dxc, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ww.grad, 3 * dwc, rtol=1e-12, atol=1e-14)
+
+
 def test_no_grad_and_frozen_inputs():
     x, w, t = case(20, 6, 50, np.float32)
     with no_grad():

@@ -278,8 +278,9 @@ class HeadCrossEntropy(Function):
         if not self.needs_grad[1]:
             return dx, None
         sink = self.grad_sink(1)
-        if sink is None:
-            return dx, (self.dw if g == 1.0 else self.dw * self.dw.dtype.type(g))
+        if sink is None:  # a view, not self.dw itself: the engine copies it before a leaf keeps
+            # it as .grad (and adds into that), so self.dw stays intact for a retain_graph rerun
+            return dx, (self.dw[:] if g == 1.0 else self.dw * self.dw.dtype.type(g))
         step = max(1, (1 << 20) // max(1, self.dw.shape[1]))  # ~4 MB of fp32 per block: no (V, C) temporary
         for a in range(0, self.dw.shape[0], step):
             if g == 1.0:
