@@ -55,6 +55,23 @@ against the unfused kernels in the same process; step times from benchmarks/trai
      recomputing backward would add (+28% on the fused op). Fused / unfused 0.59 at rows=256.
      ROWS stays 256 until a quiet rerun: 512's lead is inside this noise, and at L (V=50304)
      its chunk of logits would be 103 MB.
+     Training step, benchmarks/train_step.py --configs M --llama-configs M --blas-env both
+     --no-gen --no-profile, before (7d4892e, --rounds 3, 02:54 UTC) and after (4ed470c, the
+     Trainer's return_logits=False path, --rounds 1: the load left no time for 3), each in one
+     run, OpenBLAS as-is (Haswell kernels). The 2 cores ran at a load average of 6-12 all along
+     (the GEMM ceiling measured 50 GFLOP/s before and 17 after, against 213 quiet; one round
+     of the same run moved 3,901 -> 14,720 ms), so the step times and the tinylm/PyTorch time
+     ratios below are the load's, not the kernels'; the peak memory is not load-bound:
+       before, fastest of 3: M tinylm 3,901 ms/step, PyTorch 7,364 (ratio 1.89); llama-M tinylm
+         11,314, PyTorch 8,072 (0.71). Peak RSS / growth MiB: M tinylm 905 / 655, PyTorch
+         1,177 / 855; llama-M tinylm 895 / 744, PyTorch 1,321 / 998.
+       after, 1 round: M tinylm 12,226 ms/step, PyTorch 13,532 (1.11); llama-M tinylm 18,491,
+         PyTorch 52,469 (2.84). Peak RSS / growth MiB: M tinylm 702 / 550, PyTorch 1,154 / 831;
+         llama-M tinylm 785 / 633, PyTorch 1,330 / 1,007.
+       -> peak RSS M 905 -> 702 MiB (-203; growth -105), llama-M 895 -> 785 (-110; growth
+         -111); first losses equal to PyTorch's (difference 0.0e+00) both times. Step time:
+         not measurable in these runs; the in-process A/B above (fused 0.59x of unfused for
+         the head + loss) is the evidence until a quiet rerun.
 """
 from __future__ import annotations
 
