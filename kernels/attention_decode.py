@@ -19,6 +19,11 @@ tile, which for a single new token is one row per head: there is nothing for a h
 loop to fuse. Registered as "ref", "cpu" and "gpu", one function. No autograd: the
 training forward (T queries over their own T keys) is kernels/attention.py, with a backward.
 
+Where it runs: the prompt's prefill over a cache (Tn > 1), the GPU, and any step the fused
+one-token path declines. The one-token CPU step (Tn = 1, generation's hot loop) attends inside
+kernels/decode.py's fused block kernel instead (the same math, one (row, head) per iteration,
+written into the cache there), so this function is not called per generated token on the CPU.
+
 Leaves out: a backward, paged caches, per-row lengths.
 """
 from __future__ import annotations
