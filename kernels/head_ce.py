@@ -68,6 +68,12 @@ against the unfused kernels in the same process; step times from benchmarks/trai
        after, 1 round: M tinylm 12,226 ms/step, PyTorch 13,532 (1.11); llama-M tinylm 18,491,
          PyTorch 52,469 (2.84). Peak RSS / growth MiB: M tinylm 702 / 550, PyTorch 1,154 / 831;
          llama-M tinylm 785 / 633, PyTorch 1,330 / 1,007.
+       OPENBLAS_CORETYPE/L2_SIZE unset (the second half of each run; OpenBLAS still reported
+         Haswell here): before, the run was stopped for time after M's 3 rounds and llama-M's
+         first: M tinylm 5,569 / 12,601 / 6,691 ms/step, PyTorch 16,347 / 14,681 / 38,104;
+         llama-M tinylm 20,201, PyTorch 58,981 (no table). After, 1 round: M tinylm 15,901,
+         PyTorch 33,745 (2.12), peak RSS / growth 702 / 550 against 1,119 / 796; llama-M tinylm
+         22,102, PyTorch 22,789 (1.03), 715 / 563 against 1,288 / 964.
        -> peak RSS M 905 -> 702 MiB (-203; growth -105), llama-M 895 -> 785 (-110; growth
          -111); first losses equal to PyTorch's (difference 0.0e+00) both times. Step time:
          not measurable in these runs; the in-process A/B above (fused 0.59x of unfused for
