@@ -6,8 +6,9 @@ Each argument is ``label=OUT_DIR`` (or just ``OUT_DIR``, labelled by its name), 
 what ``tinylm train --out`` wrote; its ``log.jsonl`` is read (one JSON object per line: train
 lines carry ``loss``, validation lines ``val_loss``). The table has one row per run: the
 validation loss at each validation step the runs share, and the last one's difference from the
-first run's, in percent. The plot draws each run's training loss (thin) and validation loss
-(dots) in one colour, so runs that should agree can be seen to.
+first run's, in percent. The plot draws each run's training loss (thin: a running mean of 10 log
+lines) and validation loss (dots) in one colour, and the validation losses of the second half
+zoomed beside them, so runs that should agree can be seen to.
 
 Used for the README's mixed-precision comparison (the same default run in fp32, bf16 with and
 without master weights, and fp16). A malformed line is reported with its file and line number.
@@ -53,7 +54,7 @@ def table(runs: dict[str, tuple[list, list]]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, tuple[list, list]], path: Path, title: str) -> None:
+def plot(runs: dict[str, tuple[list, list]], path: Path, title: str, smooth: int = 10) -> None:
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -62,9 +63,11 @@ def plot(runs: dict[str, tuple[list, list]], path: Path, title: str) -> None:
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for i, (name, (train, val)) in enumerate(runs.items()):
         color = f"C{i}"
+        if len(train) >= smooth:  # one batch's loss is noise: a running mean over `smooth` log lines
+            steps, losses = zip(*train)
+            mean = [sum(losses[j - smooth + 1:j + 1]) / smooth for j in range(smooth - 1, len(losses))]
+            ax.plot(steps[smooth - 1:], mean, color=color, lw=0.9, alpha=0.6)
         for a in (ax, zoom):
-            if train:
-                a.plot(*zip(*train), color=color, lw=0.8, alpha=0.5)
             if val:
                 a.plot(*zip(*val), "o-", color=color, lw=1.5, ms=3.5, label=f"{name} (validation)")
     last = [v[-1][1] for _, v in runs.values() if v]
@@ -72,7 +75,7 @@ def plot(runs: dict[str, tuple[list, list]], path: Path, title: str) -> None:
         steps = max(s for _, v in runs.values() for s, _ in v)
         zoom.set_xlim(steps / 2, steps * 1.02)
         zoom.set_ylim(min(last) - 0.25, max(last) + 0.35)
-        zoom.set_title("second half (zoomed)")
+        zoom.set_title("validation, second half (zoomed)")
     for a in (ax, zoom):
         a.set_xlabel("step")
         a.set_ylabel("loss (nats per token)")
