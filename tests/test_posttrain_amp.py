@@ -26,8 +26,13 @@ def test_dpo_in_16_bits_starts_at_ln2_and_resumes_exactly(tmp_path, fmt):
     la, wa = straight_and_resumed(tmp_path, "dpo", lambda out: DPOConfig(
         data=[str(tmp_path / "p.jsonl")], val_every=6, dtype=fmt, **common(tmp_path, out, grad_accum=2)), stop=4)
     steps = [r for r in la if "loss" in r]
-    # policy (the store's working copy: the init rounded) = reference (the init in the format): ln 2 exactly
-    assert abs(steps[0]["loss"] - math.log(2)) < 1e-12, steps[0]["loss"]
+    # policy (the store's working copy: the init rounded) = reference (the init in the format): ln 2.
+    # The two forwards are the same math on the same 16-bit values, computed in float32 kernels at
+    # different batch shapes (the training micro-batch, the reference's cached pass), so they agree
+    # to float32 rounding, not always bit for bit: exact on an AVX-512 host, 3.0e-9 off in fp16 on an
+    # AVX2 one. A reference not rounded to the format would be off by about 1e-5 by estimate (fp16
+    # rounding moves weights ~2^-12 relative; not measured here): the bound sits between the two.
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-7, steps[0]["loss"]
     assert steps[-1]["loss"] < steps[0]["loss"]
     if fmt == "fp16":
         assert all("loss_scale" in r for r in steps)
