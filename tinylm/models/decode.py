@@ -33,6 +33,12 @@ ratios within the run mean something):
        llama-M batch 1: tinylm 41.3, PyTorch 7.1 tokens/s: 5.82x (general path 2.2: 19x faster)
        GPT-M   batch 8: tinylm 180.6 tokens/s = 4.23x its batch 1; PyTorch 15.4 = 2.10x; 11.7x PyTorch
        llama-M batch 8: tinylm 161.5 tokens/s = 3.91x its batch 1; PyTorch 8.7 = 1.23x; 18.5x PyTorch
+     Same run, unset (both variables removed; OpenBLAS still reported "Haswell" and a 30 GFLOP/s
+     ceiling; the load fell during its last rounds, so rows compare only within a round pair):
+       GPT-M   batch 1: tinylm 37.1, PyTorch 11.1 tokens/s: 3.35x (general path 5.0)
+       llama-M batch 1: tinylm 100.1, PyTorch 20.6 tokens/s: 4.86x (general path 34.7)
+       GPT-M   batch 8: tinylm 173.4 tokens/s = 4.67x its batch 1; PyTorch 25.3 = 2.29x; 6.85x PyTorch
+       llama-M batch 8: tinylm 497.0 tokens/s = 4.96x its batch 1; PyTorch 185.5 = 9.00x; 2.68x PyTorch
      Greedy tokens equal to PyTorch's for all 200 (batch 1, and row 0 of batch 8). Most of the
      gain under load is fewer parallel regions (7 per block -> the runner's one thread when
      that measures faster) and no per-op Python; on a quiet machine one GPT-M block measured
