@@ -409,7 +409,9 @@ class _Runner:
             if use != n:
                 set_num_threads(n)
         mean = st[4]
-        mean[use] = dt if use not in mean else 0.7 * mean[use] + 0.3 * dt
+        # the mode in use: a running mean; a try: its own time alone (a stale mean of the other mode,
+        # e.g. one with a slow first call in it, kept the runner on a mode 20x slower than the other)
+        mean[use] = dt if try_other or use not in mean else 0.7 * mean[use] + 0.3 * dt
         st[1] += 1
         if try_other:
             if mean[use] < mean.get(st[0], np.inf):
