@@ -211,40 +211,31 @@ class CrossEntropy(Function):
         return (_k("cross_entropy_bwd", self.logits)(self.logits, self.targets, self.lse, dloss_rows, self.ignore_index),)
 
 
-def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy of (N, V) logits against (N,) integer targets (any leading shape
-    works: (B, T, V) with (B, T)). Targets equal to ``ignore_index`` are left out of the mean."""
-    xp = xp_of(logits.data)
-    t = targets.data if isinstance(targets, Tensor) else targets
-    t = xp.asarray(t) if is_gpu_array(logits.data) else np.asarray(to_device(t, "cpu") if is_gpu_array(t) else t)
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integers, got dtype {t.dtype}")
-    if logits.shape[:-1] != t.shape:
-        raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, got {t.shape}")
-    V = logits.shape[-1]
-    t = _contig(xp, t.reshape(-1).astype(np.int64, copy=False))
-    bad = (t != ignore_index) & ((t < 0) | (t >= V))
-    if bool(bad.any()):
-        i = int(xp.argmax(bad))
-        raise ValueError(f"cross_entropy: target {int(t[i])} at row {i} is outside [0, {V}) and is not ignore_index={ignore_index}")
-    logits2 = logits if logits.ndim == 2 else logits.reshape(-1, V)
-    return CrossEntropy.apply(logits2, targets=t, ignore_index=int(ignore_index))
-
-
-def _checked_targets(xp, targets, shape, V: int, ignore_index: int, what: str):
-    """(N,) int64 targets of the given leading shape, each in [0, V) or ignore_index."""
+def _checked_targets(xp, targets, shape, V: int, ignore_index: int, what: str, whose: str = ""):
+    """(N,) int64 targets of the given leading shape, each in [0, V) or ignore_index; a bad one
+    raises with ``what`` (the op) and ``whose`` (what needs that shape) in the message."""
     t = targets.data if isinstance(targets, Tensor) else targets
     t = xp.asarray(t) if xp is not np else np.asarray(to_device(t, "cpu") if is_gpu_array(t) else t)
     if t.dtype.kind not in "iu":
         raise TypeError(f"{what}: targets must be integers, got dtype {t.dtype}")
     if tuple(shape) != t.shape:
-        raise ValueError(f"{what}: need targets of shape {tuple(shape)}, got {t.shape}")
+        raise ValueError(f"{what}: {whose}need targets of shape {tuple(shape)}, got {t.shape}")
     t = _contig(xp, t.reshape(-1).astype(np.int64, copy=False))
     bad = (t != ignore_index) & ((t < 0) | (t >= V))
     if bool(bad.any()):
         i = int(xp.argmax(bad))
         raise ValueError(f"{what}: target {int(t[i])} at row {i} is outside [0, {V}) and is not ignore_index={ignore_index}")
     return t
+
+
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of (N, V) logits against (N,) integer targets (any leading shape
+    works: (B, T, V) with (B, T)). Targets equal to ``ignore_index`` are left out of the mean."""
+    V = logits.shape[-1]
+    t = _checked_targets(xp_of(logits.data), targets, logits.shape[:-1], V, ignore_index, "cross_entropy",
+                         f"logits {logits.shape} ")
+    logits2 = logits if logits.ndim == 2 else logits.reshape(-1, V)
+    return CrossEntropy.apply(logits2, targets=t, ignore_index=int(ignore_index))
 
 
 # ---- LM head + cross-entropy, fused ---------------------------------------------------------
