@@ -3,11 +3,13 @@
 Math (row n: x_n (C,), targets t_n; w (V, C); logits z_n = w x_n (V,)):
     lse_n  = m + log(sum_j exp(z_nj - m)),  m = max_j z_nj
     loss_n = lse_n - z_n,t_n                        (0 where t_n == ignore_index)
-    the objective is L = scale * sum_n loss_n (the caller passes scale = 1 / n_valid), so
-    dz_n   = scale * (softmax(z_n) - onehot(t_n))   (0 where t_n == ignore_index)
+    the objective is L = sum_n scale_n * loss_n: one scale for every row (the mean
+    cross-entropy passes 1 / n_valid), or a scale per row (N,) (a sequence log-prob's backward
+    passes each token its sequence's incoming gradient: tinylm/posttrain/logprobs.py), so
+    dz_n   = scale_n * (softmax(z_n) - onehot(t_n))   (0 where t_n == ignore_index)
     dx     = dz @ w   (N, C),   dw = dz^T @ x   (V, C)
 Shapes: N rows (B*T), C channels, V vocabulary. x (N, C), w (V, C), targets (N,) int64;
-outputs loss_rows, lse (N,), dx (N, C) or None, dw (V, C) or None.
+scale a number or (N,); outputs loss_rows, lse (N,), dx (N, C) or None, dw (V, C) or None.
 
 One op, ``head_ce(x, w, targets, ignore_index, scale, want_dx, want_dw)``: the forward *and* the
 gradients, computed row chunk by row chunk in one sweep, so a chunk's logits (at most ROWS x V)
@@ -93,6 +95,15 @@ VB = 1024        # vocabulary columns per block: ROWS x VB fp32 = 1 MiB, one cor
 REF_ROWS = 1024  # the reference's chunk (it is a NumPy composition: any size gives the same math)
 
 
+def _row_scales(xp, scale, N, dtype):
+    """The gradient's scale as one per row (N,) of ``dtype``: a number repeated, or an array."""
+    if xp.ndim(scale) == 0:
+        return xp.full(N, float(scale), dtype=dtype)
+    if scale.shape != (N,):
+        raise ValueError(f"head_ce: scale must be a number or of shape ({N},), got {scale.shape}")
+    return xp.ascontiguousarray(scale, dtype=dtype)
+
+
 def _empty_results(xp, x, w, want_dx, want_dw):
     N = x.shape[0]
     return (xp.zeros(N, dtype=x.dtype), xp.zeros(N, dtype=x.dtype),
@@ -104,6 +115,7 @@ def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw):
     # (N,C), (V,C), (N,), int, float, bool, bool -> loss (N,), lse (N,), dx (N,C)|None, dw (V,C)|None
     xp = array_module(x)
     loss, lse, dx, dw = _empty_results(xp, x, w, want_dx, want_dw)
+    scale = _row_scales(xp, scale, x.shape[0], x.dtype)
     for r0 in range(0, x.shape[0], REF_ROWS):
         rows = slice(r0, r0 + REF_ROWS)
         xc, t = x[rows], targets[rows]
@@ -118,7 +130,7 @@ def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw):
         if want_dx or want_dw:
             d = xp.exp(z - l[:, None])  # softmax
             d[n[valid], t[valid]] -= 1
-            d *= xp.where(valid, scale, 0).astype(x.dtype)[:, None]
+            d *= xp.where(valid, scale[rows], 0).astype(x.dtype)[:, None]
             if want_dx:
                 dx[rows] = d @ w
             if want_dw:
@@ -139,7 +151,7 @@ def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, R, vb, nth,
     V = w.shape[0]
     nblk = (V + vb - 1) // vb
     isz = x.itemsize
-    zero = scale - scale
+    zero = x[0, 0] - x[0, 0]  # typed zero and one of x's dtype
     one = zero + 1
     xa0, wa, za, dwa, dxpa = x.ctypes.data, w.ctypes.data, Z.ctypes.data, dw.ctypes.data, dxp.ctypes.data
     for r0 in range(0, N, R):
@@ -188,11 +200,12 @@ def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, R, vb, nth,
                 for r in range(nr):
                     z = Z[r, v0:v1]
                     l = lse[r0 + r]
+                    sc = scale[r0 + r]
                     for j in range(v1 - v0):
-                        z[j] = scale * fexp(z[j] - l)
+                        z[j] = sc * fexp(z[j] - l)
                     t = targets[r0 + r]
                     if v0 <= t < v1:
-                        z[t - v0] -= scale
+                        z[t - v0] -= sc
                 if want_dw:  # dw[v0:v1] (+)= dz[:, v0:v1]^T x_chunk; overwritten by the first chunk
                     gemm(101, 112, 111, v1 - v0, C, nr, one, za + v0 * isz, V, xa, C,
                          zero if r0 == 0 else one, dwa + v0 * C * isz, C)
@@ -228,6 +241,8 @@ def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, *, rows=No
     every = len(valid) == N
     xv = np.ascontiguousarray(x) if every else x[valid]  # rows with a target only
     tv = np.ascontiguousarray(targets, dtype=np.int64) if every else targets[valid].astype(np.int64)
+    sv = _row_scales(np, scale, N, x.dtype)
+    sv = sv if every else sv[valid]
     wc = np.ascontiguousarray(w)
     n = len(valid)
     R = min(rows or ROWS, n)
@@ -235,20 +250,20 @@ def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, *, rows=No
     nblk = (V + vb - 1) // vb
     nth = max(1, min(get_num_threads(), nblk))
     new = _new  # np.empty; tests make it NaN-filled (a loop that did not run leaves NaN)
-    lv, sv = new(n, x.dtype), new(n, x.dtype)
+    lv, lsev = new(n, x.dtype), new(n, x.dtype)
     dxv = new(xv.shape if want_dx else (0, C), x.dtype)
     dwv = new(wc.shape if want_dw else (0, C), x.dtype)
     Z = new((R, V), x.dtype)
     pm, ps, pz = new((nblk, R), x.dtype), new((nblk, R), x.dtype), new(R, x.dtype)
     dxp = new((nth if want_dx else 1, R, C), x.dtype)
     with blas_single_threaded():
-        _head_ce_cpu(gemm, xv, wc, tv, x.dtype.type(scale), bool(want_dx), bool(want_dw), R, vb, nth,
-                     lv, sv, dxv, dwv, Z, pm, ps, pz, dxp)
+        _head_ce_cpu(gemm, xv, wc, tv, sv, bool(want_dx), bool(want_dw), R, vb, nth,
+                     lv, lsev, dxv, dwv, Z, pm, ps, pz, dxp)
     if every:
-        loss, lse = lv, sv
+        loss, lse = lv, lsev
         dx = dxv if want_dx else None
     else:
-        loss[valid], lse[valid] = lv, sv
+        loss[valid], lse[valid] = lv, lsev
         if want_dx:
             dx[valid] = dxv
     return loss, lse, dx, (dwv if want_dw else None)
@@ -265,6 +280,7 @@ def head_ce_gpu(x, w, targets, ignore_index, scale, want_dx, want_dw):
     from kernels.cross_entropy import cross_entropy_bwd_gpu, cross_entropy_fwd_gpu  # noqa: PLC0415
     xp = array_module(x)
     loss, lse, dx, dw = _empty_results(xp, x, w, want_dx, want_dw)
+    scale = _row_scales(xp, scale, x.shape[0], x.dtype)
     wt = w.T
     for r0 in range(0, x.shape[0], GPU_ROWS):
         rows = slice(r0, r0 + GPU_ROWS)
@@ -276,8 +292,7 @@ def head_ce_gpu(x, w, targets, ignore_index, scale, want_dx, want_dw):
         loss[rows] = lr
         lse[rows] = xp.where(valid, l, 0)
         if want_dx or want_dw:
-            g = xp.full(t.shape, scale, dtype=x.dtype)
-            d = cross_entropy_bwd_gpu(z, t, l, g, ignore_index)  # scale (softmax - onehot), 0 if ignored
+            d = cross_entropy_bwd_gpu(z, t, l, xp.ascontiguousarray(scale[rows]), ignore_index)  # scale (softmax - onehot), 0 if ignored
             if want_dx:
                 dx[rows] = xp.matmul(d, w)
             if want_dw:

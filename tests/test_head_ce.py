@@ -53,6 +53,24 @@ def test_cpu_kernel_matches_reference(dt, tol, N, C, V, rows, vb):
         check_outputs(got, want, tol)
 
 
+@pytest.mark.parametrize("dt, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("N, C, V, rows, vb", SHAPES[:3])
+def test_a_scale_per_row(dt, tol, N, C, V, rows, vb):
+    """scale (N,): each row's gradient weighted by its own number (a sequence log-prob's
+    backward), in the reference and the CPU kernel alike; the same as one number when equal."""
+    x, w, t = case(N, C, V, dt)
+    s = np.random.default_rng(1).normal(size=N)
+    want = head_ce.head_ce_ref(x, w, t, IGN, s, True, True)
+    check_outputs(head_ce.head_ce_cpu(x, w, t, IGN, s, True, True, rows=rows, vb=vb), want, tol)
+    one = head_ce.head_ce_ref(x, w, t, IGN, 1.0, True, True)  # the rows' own gradients, then weighted
+    np.testing.assert_allclose(want[2], one[2] * s[:, None].astype(dt), rtol=tol, atol=tol)
+    for a, b in zip(head_ce.head_ce_cpu(x, w, t, IGN, np.full(N, 0.3), True, True, rows=rows, vb=vb),
+                    head_ce.head_ce_cpu(x, w, t, IGN, 0.3, True, True, rows=rows, vb=vb)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="scale"):
+        head_ce.head_ce_ref(x, w, t, IGN, s[:-1], True, True)
+
+
 def test_reference_is_the_unfused_math():
     """The reference against cross_entropy's kernels on the whole (N, V) logits, lse 0 where ignored."""
     from kernels.cross_entropy import cross_entropy_bwd_ref, cross_entropy_fwd_ref

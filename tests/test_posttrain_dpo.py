@@ -118,3 +118,68 @@ def test_padded_batch_shifts_masks_and_pads_for_dpo_and_grpo():
     from tinylm.posttrain.dpo import pair_batch
     px, py = pair_batch(pairs, pad_id=0)
     assert px.tolist() == [[1, 2], [1, 4]] and py.tolist() == [[2, 3], [4, IGNORE]]
+
+
+# ---- sequence log-probs through the fused LM head (model.sequence_logprobs) -----------------
+def _models():
+    from tinylm.models import Llama, LlamaConfig
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=41, dtype="float64"), seed=1)
+    llama = Llama(LlamaConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=16, block_size=12, vocab_size=41,
+                              dtype="float64"), seed=1)
+    return {"gpt_tied": gpt, "llama_untied": llama}
+
+
+@pytest.mark.parametrize("name", ["gpt_tied", "llama_untied"])
+@pytest.mark.parametrize("average", [False, True])
+def test_fused_sequence_logprobs_equal_the_logits_path(name, average):
+    """Values and every parameter's gradient, with a weight per row as DPO's backward gives
+    (a prompt masked, a row with no kept token: 0 and no gradient)."""
+    m = _models()[name]
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 41, (4, 12))
+    tgt = np.roll(idx, -1, axis=1)
+    tgt[:, :5] = IGNORE
+    tgt[2] = IGNORE
+    weight = tinylm.tensor(np.array([0.7, -1.3, 5.0, 0.2]))
+    res = []
+    for fused in (False, True):
+        m.zero_grad()
+        lp = m.sequence_logprobs(idx, tgt, average=average) if fused else \
+            sequence_logprobs(m(idx)[0], tgt, average=average)
+        (lp * weight).sum().backward()
+        res.append((lp.numpy(), {n: p.grad.copy() for n, p in m.named_parameters()}))
+    (l0, g0), (l1, g1) = res
+    assert l1.dtype == np.float64 and l1.shape == (4,) and l1[2] == 0.0
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    for n in g0:
+        np.testing.assert_allclose(g1[n], g0[n], rtol=1e-9, atol=1e-13, err_msg=n)
+
+
+def test_fused_sequence_logprobs_gradcheck_and_errors():
+    from tinylm.posttrain.logprobs import head_sequence_logprobs
+    rng = np.random.default_rng(3)
+    x, w = f64(rng.normal(size=(2, 3, 5))), f64(rng.normal(size=(7, 5)))
+    t = np.array([[1, IGNORE, 6], [0, 0, 2]])
+    wt = np.array([0.5, -2.0])
+    for avg in (False, True):
+        assert tinylm.gradcheck(lambda a, b: (head_sequence_logprobs(a, b, t, average=avg) * wt).sum(), [x, w])
+    np.testing.assert_allclose(head_sequence_logprobs(x, w, t).numpy(),
+                               token_logprobs_ref(x.numpy() @ w.numpy().T, t).sum(1), rtol=1e-12)
+    with pytest.raises(ValueError, match="outside"):
+        head_sequence_logprobs(x, w, np.array([[1, 2, 7], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="shape"):
+        head_sequence_logprobs(x, w, t[:, :2])
+    with pytest.raises(ValueError, match=r"need x \(B, T, C\)"):
+        head_sequence_logprobs(x, f64(rng.normal(size=(7, 4))), t)
+
+
+def test_fused_sequence_logprobs_in_float32_match_float64():
+    """The model's dtype float32: the per-token log-softmax is float32, the sums float64."""
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=40, vocab_size=41, dtype="float32"), seed=2)
+    m64 = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=40, vocab_size=41, dtype="float64"), seed=2)
+    m64.load_state_dict({k: v.astype(np.float64) for k, v in m.state_dict().items()})
+    idx = np.random.default_rng(4).integers(0, 41, (2, 40))
+    tgt = np.roll(idx, -1, axis=1)
+    a, b = m.sequence_logprobs(idx, tgt).numpy(), m64.sequence_logprobs(idx, tgt).numpy()
+    assert a.dtype == np.float64
+    np.testing.assert_allclose(a, b, rtol=1e-5)

@@ -268,17 +268,26 @@ class HeadCrossEntropy(Function):
             dx = (self.dx if g == 1.0 else self.dx * self.dx.dtype.type(g)).reshape(self.x_shape)
         if not self.needs_grad[1]:
             return dx, None
-        sink = self.grad_sink(1)
-        if sink is None:  # a view, not self.dw itself: the engine copies it before a leaf keeps
-            # it as .grad (and adds into that), so self.dw stays intact for a retain_graph rerun
-            return dx, (self.dw[:] if g == 1.0 else self.dw * self.dw.dtype.type(g))
-        step = max(1, (1 << 20) // max(1, self.dw.shape[1]))  # ~4 MB of fp32 per block: no (V, C) temporary
-        for a in range(0, self.dw.shape[0], step):
-            if g == 1.0:
-                sink[a:a + step] += self.dw[a:a + step]
-            else:
-                sink[a:a + step] += self.dw[a:a + step] * sink.dtype.type(g)
-        return dx, ACCUMULATED
+        return dx, scaled_into_sink(self, 1, self.dw, g)
+
+
+def scaled_into_sink(fn: Function, i: int, dw, g: float = 1.0):
+    """What ``fn.backward`` returns for input ``i`` whose gradient is ``g * dw``, ``dw`` an array
+    the op keeps: added into the input's existing gradient buffer (Function.grad_sink: the
+    ParamStore's flat buffer) in row blocks, with no temporary of dw's size, and ACCUMULATED
+    returned; with no buffer, a view of dw (g == 1) or the scaled copy. A view, not dw itself:
+    the engine copies it before a leaf keeps it as .grad (and adds into that), so dw stays
+    intact for a retain_graph rerun."""
+    sink = fn.grad_sink(i)
+    if sink is None:
+        return dw[:] if g == 1.0 else dw * dw.dtype.type(g)
+    step = max(1, (1 << 20) // max(1, dw.shape[1]))  # ~4 MB of fp32 per block
+    for a in range(0, dw.shape[0], step):
+        if g == 1.0:
+            sink[a:a + step] += dw[a:a + step]
+        else:
+            sink[a:a + step] += dw[a:a + step] * sink.dtype.type(g)
+    return ACCUMULATED
 
 
 def head_cross_entropy(x: Tensor, w: Tensor, targets, ignore_index: int = -100) -> Tensor:

@@ -3,13 +3,15 @@
 A model is a Module with a ``config`` (a dataclass with ``block_size`` and ``vocab_size``), a
 ``model_type`` (its key in tinylm.models.registry), and one forward:
 
-    forward(idx, targets=None, cache=None, start=None, ignore_index=-100, return_logits=True)
-        -> (logits, loss)
+    forward(idx, targets=None, cache=None, start=None, ignore_index=-100, return_logits=True,
+            head=None) -> (logits, loss)
 
 ``idx`` (B, T) integer ids; with ``targets`` (B, T) the mean cross-entropy (``ignore_index``
 rows left out); with ``return_logits=False`` as well, (None, loss) from the fused LM head +
 cross-entropy, which never makes the (B, T, V) logits (what training calls; also
-``model.loss(idx, targets)``); with ``cache`` (a KVCache from ``new_cache``) the T new tokens
+``model.loss(idx, targets)``); with ``head``, a function (x, w) -> (logits, loss) of the final
+hidden states and the head's weight that replaces the LM head (``model.sequence_logprobs``, the
+fused per-row log-probs DPO trains with); with ``cache`` (a KVCache from ``new_cache``) the T new tokens
 sit at positions ``start..start+T-1`` (default: ``cache.pos``) and attend over the cached ones.
 Training and generation run the same block code; generation itself lives in tinylm.generate,
 written once for every model.
@@ -40,7 +42,9 @@ class LanguageModel(Module):
     model_type = "?"
 
     def __call__(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100,
-                 return_logits: bool = True):
+                 return_logits: bool = True, head=None):
+        if head is not None:
+            return self.forward(idx, targets, cache, start, ignore_index, head=head)
         if return_logits:  # the keyword only when it matters: wrappers of forward keep working
             return self.forward(idx, targets, cache, start, ignore_index)
         return self.forward(idx, targets, cache, start, ignore_index, return_logits=False)
@@ -50,12 +54,23 @@ class LanguageModel(Module):
         logits are never made: kernels/head_ce.py): what training calls."""
         return self(idx, targets, ignore_index=ignore_index, return_logits=False)[1]
 
+    def sequence_logprobs(self, idx, targets, ignore_index: int = -100, average: bool = False):
+        """(B,) float64 Tensor: the sum (``average``: mean) of log p(targets) over each row's
+        kept tokens, through the fused LM head (tinylm/posttrain/logprobs.py): what DPO trains
+        and caches its reference with, without the (B, T, V) logits."""
+        from tinylm.posttrain.logprobs import head_sequence_logprobs  # noqa: PLC0415
+
+        return self(idx, head=lambda x, w: (None, head_sequence_logprobs(x, w, targets, ignore_index, average)))[1]
+
     @staticmethod
-    def _head(x, w, targets, ignore_index: int, return_logits: bool):
+    def _head(x, w, targets, ignore_index: int, return_logits: bool, head=None):
         """(logits, loss) from the final hidden states x (B, T, C) and the head's weight w (V, C).
-        With targets and ``return_logits=False``: (None, loss) from the fused head + loss."""
+        With targets and ``return_logits=False``: (None, loss) from the fused head + loss. With
+        ``head``, a function of (x, w) that replaces the LM head: what it returns."""
         from tinylm import functional as F  # noqa: PLC0415
 
+        if head is not None:
+            return head(x, w)
         if targets is not None and not return_logits:
             return None, F.head_cross_entropy(x, w, targets, ignore_index)
         logits = F.linear_t(x, w)  # (B, T, C) @ (V, C)^T

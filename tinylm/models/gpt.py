@@ -102,7 +102,7 @@ class GPT(LanguageModel):
 
     # ---- the one forward: training, evaluation and generation -------------------------------
     def forward(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100,
-                return_logits: bool = True):
+                return_logits: bool = True, head=None):
         """idx (B, T) integer ids -> (logits (B, T, V), mean cross-entropy or None); with
         targets and ``return_logits=False``, (None, loss) from the fused head + cross-entropy.
 
@@ -119,7 +119,7 @@ class GPT(LanguageModel):
             x = block(x, self.dropout_rng, cache, layer, start)
         x = self.ln_f(x)
         self._advance(cache, start, T)
-        return self._head(x, self.wte.weight, targets, ignore_index, return_logits)  # tied head: x @ wte^T
+        return self._head(x, self.wte.weight, targets, ignore_index, return_logits, head)  # tied head: x @ wte^T
 
     def _any_weight(self):
         return self.wte.weight.data

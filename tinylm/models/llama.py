@@ -153,7 +153,7 @@ class Llama(LanguageModel):
         return self
 
     def forward(self, idx, targets=None, cache=None, start=None, ignore_index: int = -100,
-                return_logits: bool = True):
+                return_logits: bool = True, head=None):
         """idx (B, T) integer ids -> (logits (B, T, V), mean cross-entropy or None); with
         targets and ``return_logits=False``, (None, loss) from the fused head + cross-entropy;
         with a KV cache the T tokens sit at positions start.. (default cache.pos)."""
@@ -167,9 +167,9 @@ class Llama(LanguageModel):
         for layer, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, layer, start)
         x = self.norm(x)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        w_head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self._advance(cache, start, T)
-        return self._head(x, head, targets, ignore_index, return_logits)  # x @ head^T
+        return self._head(x, w_head, targets, ignore_index, return_logits, head)  # x @ head^T
 
     def new_cache(self, batch: int) -> KVCache:
         c = self.config

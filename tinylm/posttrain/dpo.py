@@ -15,7 +15,8 @@ The reference is the init checkpoint (with LoRA: the same model with its adapter
 Its log-probs are computed once per pair before the first step (``reference_logprobs``), kept
 with the pair and saved in the run directory (``ref_logprobs.safetensors``), so no epoch and
 no resume recomputes them. Sequence log-probs are over the response tokens only (content and
-<|end|>), summed (``average_logprobs``: mean), in float64 (tinylm.posttrain.logprobs).
+<|end|>), summed (``average_logprobs``: mean), in float64, through the fused LM head: the
+(2P, T, V) logits are never made (``model.sequence_logprobs``, tinylm/posttrain/logprobs.py).
 
 Logged each step: loss, chosen and rejected rewards, reward margin, reward accuracy (the share
 of pairs with r_c > r_r).
@@ -29,7 +30,6 @@ import numpy as np
 
 from tinylm.backend import xp_of
 from tinylm.posttrain.data import EpochOrder, padded_batch
-from tinylm.posttrain.logprobs import sequence_logprobs
 from tinylm.tensor import Function, Tensor, no_grad
 from tinylm.train.objectives import Objective
 
@@ -88,8 +88,7 @@ def reference_logprobs(model, pairs: list, pad_id: int, batch_size: int = 16, av
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
             x, y = pair_batch(chunk, pad_id)
-            logits, _ = model(x)
-            lp = sequence_logprobs(logits, y, average=average).numpy()
+            lp = model.sequence_logprobs(x, y, average=average).numpy()
             n = len(chunk)
             out[s:s + n, 0], out[s:s + n, 1] = lp[:n], lp[n:]
     model.train(was)
@@ -122,8 +121,7 @@ class DPO(Objective):
     def loss(self, model, batch):
         x, y, ref = batch["x"], batch["y"], batch["ref"]
         P = len(ref)
-        logits, _ = model(x)
-        lp = sequence_logprobs(logits, y, average=self.average)  # (2P,) float64
+        lp = model.sequence_logprobs(x, y, average=self.average)  # (2P,) float64, fused head
         loss, rc, rr = dpo_loss(lp[:P], lp[P:], ref[:, 0], ref[:, 1], self.beta)
         return loss, {"reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean()),
                       "reward_margin": float((rc - rr).mean()), "reward_accuracy": float((rc > rr).mean())}
@@ -140,8 +138,7 @@ def evaluate_pairs(model, pairs, ref, beta, pad_id, average=False, batch_size: i
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
             x, y = pair_batch(chunk, pad_id)
-            logits, _ = model(x)
-            lp = sequence_logprobs(logits, y, average=average)
+            lp = model.sequence_logprobs(x, y, average=average)
             n = len(chunk)
             loss, _, _ = dpo_loss(lp[:n], lp[n:], ref[s:s + n, 0], ref[s:s + n, 1], beta)
             total += loss.item() * n

@@ -2,6 +2,8 @@
 
     token_logprobs(logits (B, T, V), targets (B, T))      -> (B, T) float64, 0 where ignored
     sequence_logprobs(logits, targets, average=False)     -> (B,)   sum (or mean) over kept tokens
+    head_sequence_logprobs(x, w, targets, average=False)  -> (B,)   the same of logits x @ w^T,
+                                                                    never made (fused LM head)
 
 Math (row n, logits z (V,), target t): logp_n = z_t - lse(z), lse(z) = m + log sum_j exp(z_j - m).
 Backward: d logp_n / d z_j = [j == t] - softmax(z)_j, so dz = dout_n (onehot(t) - softmax(z)),
@@ -14,6 +16,15 @@ Precision: whatever the model's dtype, the per-row log-softmax is computed in fl
 float64: DPO subtracts sequence log-probs of a few hundred tokens from each other, where
 float32 sums would lose the difference.
 
+The fused form (what DPO trains with: ``model.sequence_logprobs``) takes the final hidden states
+x (B, T, C) and the head's weight w (V, C) and runs kernels/head_ce.py, whose per-row losses are
+-log p. Its forward asks the kernel for the losses only (one x @ w^T GEMM per row chunk, no
+gradient work). Unlike the mean cross-entropy, whose gradient is fixed up to one scalar, a
+sequence log-prob's gradient weights every row by its own incoming gradient, dout_b (DPO's
+dL/dlogp_b), known only once every row's log-prob is; so backward runs the kernel again with
+scale_n = -dout_b(n) (/ n_b with ``average``) per token and gets dx and dw: one extra GEMM of the
+head (the forward's, recomputed) in place of the (B, T, V) logits and their gradient.
+
 ``token_logprobs_ref`` is the NumPy reference (float64 throughout) the op is tested against.
 """
 from __future__ import annotations
@@ -22,7 +33,7 @@ import numpy as np
 
 import kernels
 from tinylm.backend import xp_of
-from tinylm.tensor import Function, Tensor
+from tinylm.tensor import Function, Tensor, is_grad_enabled
 
 IGNORE = -100
 
@@ -80,3 +91,54 @@ def sequence_logprobs(logits: Tensor, targets, ignore_index: int = IGNORE, avera
         n = np.maximum((t != ignore_index).sum(axis=-1), 1).astype(np.float64)
         lp = lp * (1.0 / n)
     return lp
+
+
+class HeadSequenceLogProbs(Function):
+    """(B, T, C) hidden states, (V, C) head -> (B,) float64 log-probs; see the module docstring."""
+
+    def forward(self, x, w, targets, ignore_index, average):  # targets (B, T) int64
+        xp = xp_of(x)
+        B, T = targets.shape
+        self.x_shape, self.ignore_index = x.shape, ignore_index
+        self.x2 = xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+        self.w = xp.ascontiguousarray(w)
+        self.t = xp.ascontiguousarray(targets.reshape(-1))
+        self.kernel = kernels.get("head_ce", self.x2, self.w)
+        loss_rows = self.kernel(self.x2, self.w, self.t, ignore_index, 1.0, False, False)[0]
+        lp = -loss_rows.astype(np.float64).reshape(B, T).sum(axis=1)  # 0 on ignored rows
+        self.per_row = None
+        if average:
+            self.per_row = 1.0 / xp.maximum((targets != ignore_index).sum(axis=1), 1).astype(np.float64)
+            lp = lp * self.per_row
+        if not is_grad_enabled():
+            self.x2 = self.w = None
+        return lp
+
+    def backward(self, dout):  # (B,) float64
+        from tinylm.functional import scaled_into_sink  # noqa: PLC0415
+
+        xp = xp_of(dout)
+        g = -dout if self.per_row is None else -dout * self.per_row  # d(-loss_n): logp_n = -loss_n
+        T = self.t.shape[0] // g.shape[0]
+        scale = xp.repeat(g, T)  # each token its sequence's weight (ignored rows: the kernel drops them)
+        want_dx, want_dw = self.needs_grad[0], self.needs_grad[1]
+        _, _, dx, dw = self.kernel(self.x2, self.w, self.t, self.ignore_index, scale, want_dx, want_dw)
+        return (dx.reshape(self.x_shape) if want_dx else None,
+                scaled_into_sink(self, 1, dw) if want_dw else None)
+
+
+def head_sequence_logprobs(x: Tensor, w: Tensor, targets, ignore_index: int = IGNORE,
+                           average: bool = False) -> Tensor:
+    """``sequence_logprobs(linear_t(x, w), targets)`` without the (B, T, V) logits: x (B, T, C)
+    final hidden states, w (V, C) the head's weight (PyTorch's layout), targets (B, T). A head
+    that trains only some rows (LoRA's grown vocabulary) goes through the logits."""
+    from tinylm import functional as F  # noqa: PLC0415
+
+    if x.ndim != 3 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"head_sequence_logprobs: need x (B, T, C) and w (V, C), got {x.shape} and {w.shape}")
+    if F._trained_from(w, 0):
+        return sequence_logprobs(F.linear_t(x, w), targets, ignore_index, average)
+    t = F._checked_targets(xp_of(x.data), targets, x.shape[:-1], w.shape[0], int(ignore_index),
+                           "head_sequence_logprobs")
+    return HeadSequenceLogProbs.apply(x, w, targets=t.reshape(x.shape[:-1]), ignore_index=int(ignore_index),
+                                      average=bool(average))
