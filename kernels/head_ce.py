@@ -9,9 +9,11 @@ Math (row n: x_n (C,), targets t_n; w (V, C); logits z_n = w x_n (V,)):
     dz_n   = scale_n * (softmax(z_n) - onehot(t_n))   (0 where t_n == ignore_index)
     dx     = dz @ w   (N, C),   dw = dz^T @ x   (V, C)
 Shapes: N rows (B*T), C channels, V vocabulary. x (N, C), w (V, C), targets (N,) int64;
-scale a number or (N,); outputs loss_rows, lse (N,), dx (N, C) or None, dw (V, C) or None.
+scale a number or (N,); outputs loss_rows, lse (N,), dx (N, C) or None, dw (V, C) or None;
+with ``dw_from`` = k > 0, dw is (V - k, C): the gradient of rows k.. only (a vocabulary grown
+for chat tokens whose old rows are frozen: tinylm/posttrain/lora.py's join_rows).
 
-One op, ``head_ce(x, w, targets, ignore_index, scale, want_dx, want_dw)``: the forward *and* the
+One op, ``head_ce(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0)``: the forward *and* the
 gradients, computed row chunk by row chunk in one sweep, so a chunk's logits (at most ROWS x V)
 are the only logits that ever exist. The gradient is linear in the loss's incoming gradient
 (dout, a scalar: 1, or a loss scale, or 1/accumulation steps), so the autograd op
@@ -37,8 +39,7 @@ w_block (one (ROWS, C) partial per thread, summed after). fexp (kernels/_mathfn.
 GPU ("gpu"): per chunk, cuBLAS products (CuPy matmul) around kernels/cross_entropy.py's GPU
 kernels (forward, then the backward kernel writes dz), dx and dw as two more products.
 
-Leaves out: label smoothing, z-loss, logit soft-capping, a bias on the head, the grown-rows
-head of LoRA (tinylm.functional falls back to linear_t + cross_entropy there).
+Leaves out: label smoothing, z-loss, logit soft-capping, a bias on the head.
 References: the chunked/fused linear cross-entropy of Liger-Kernel (FusedLinearCrossEntropy)
 and Wijmans et al. 2024 "Cut Your Losses in Large-Vocabulary Language Models" for the idea;
 Milakov & Gimelshein 2018 for the online softmax combination. Written from the math above.
@@ -104,17 +105,18 @@ def _row_scales(xp, scale, N, dtype):
     return xp.ascontiguousarray(scale, dtype=dtype)
 
 
-def _empty_results(xp, x, w, want_dx, want_dw):
+def _empty_results(xp, x, w, want_dx, want_dw, dw_from=0):
     N = x.shape[0]
     return (xp.zeros(N, dtype=x.dtype), xp.zeros(N, dtype=x.dtype),
-            xp.zeros_like(x) if want_dx else None, xp.zeros_like(w) if want_dw else None)
+            xp.zeros_like(x) if want_dx else None, xp.zeros_like(w[dw_from:]) if want_dw else None)
 
 
 @register("head_ce", "ref")
-def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw):
-    # (N,C), (V,C), (N,), int, float, bool, bool -> loss (N,), lse (N,), dx (N,C)|None, dw (V,C)|None
+def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0):
+    # (N,C), (V,C), (N,), int, float | (N,), bool, bool, int -> loss (N,), lse (N,), dx (N,C)|None,
+    # dw (V-dw_from,C)|None
     xp = array_module(x)
-    loss, lse, dx, dw = _empty_results(xp, x, w, want_dx, want_dw)
+    loss, lse, dx, dw = _empty_results(xp, x, w, want_dx, want_dw, dw_from)
     scale = _row_scales(xp, scale, x.shape[0], x.dtype)
     for r0 in range(0, x.shape[0], REF_ROWS):
         rows = slice(r0, r0 + REF_ROWS)
@@ -134,7 +136,7 @@ def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw):
             if want_dx:
                 dx[rows] = d @ w
             if want_dw:
-                dw += d.T @ xc
+                dw += d[:, dw_from:].T @ xc
     return loss, lse, dx, dw
 
 
@@ -145,7 +147,7 @@ def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw):
 # dxp (nthreads, ROWS, C) the per-thread dx partials.
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, R, vb, nth,
+def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, dw_from, R, vb, nth,
                  loss, lse, dx, dw, Z, pm, ps, pz, dxp):
     N, C = x.shape
     V = w.shape[0]
@@ -206,9 +208,10 @@ def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, R, vb, nth,
                     t = targets[r0 + r]
                     if v0 <= t < v1:
                         z[t - v0] -= sc
-                if want_dw:  # dw[v0:v1] (+)= dz[:, v0:v1]^T x_chunk; overwritten by the first chunk
-                    gemm(101, 112, 111, v1 - v0, C, nr, one, za + v0 * isz, V, xa, C,
-                         zero if r0 == 0 else one, dwa + v0 * C * isz, C)
+                a = max(v0, dw_from)  # dw holds rows dw_from.. only
+                if want_dw and a < v1:  # dw[a:v1] (+)= dz[:, a:v1]^T x_chunk; overwritten by the first chunk
+                    gemm(101, 112, 111, v1 - a, C, nr, one, za + a * isz, V, xa, C,
+                         zero if r0 == 0 else one, dwa + (a - dw_from) * C * isz, C)
                 if want_dx:
                     gemm(101, 111, 111, nr, C, v1 - v0, one, za + v0 * isz, V, wa + v0 * C * isz, C,
                          zero if first else one, dxpa + th * R * C * isz, C)
@@ -227,14 +230,14 @@ def _new(shape, dtype):
 
 
 @register("head_ce", "cpu")
-def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, *, rows=None, vb=None):
+def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0, *, rows=None, vb=None):
     from kernels._blas import blas_single_threaded, gemm_for  # noqa: PLC0415
     gemm = gemm_for(x.dtype) if x.dtype == w.dtype else None
     if gemm is None:  # no OpenBLAS GEMM to call from Numba (MKL, Accelerate): the reference
-        return head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw)
+        return head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from)
     N, C = x.shape
     V = w.shape[0]
-    loss, lse, dx, dw = _empty_results(np, x, w, want_dx, want_dw)
+    loss, lse, dx, dw = _empty_results(np, x, w, want_dx, want_dw, dw_from)
     valid = np.flatnonzero(targets != ignore_index)
     if len(valid) == 0 or C == 0:
         return loss, lse, dx, dw
@@ -252,12 +255,12 @@ def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, *, rows=No
     new = _new  # np.empty; tests make it NaN-filled (a loop that did not run leaves NaN)
     lv, lsev = new(n, x.dtype), new(n, x.dtype)
     dxv = new(xv.shape if want_dx else (0, C), x.dtype)
-    dwv = new(wc.shape if want_dw else (0, C), x.dtype)
+    dwv = new((V - dw_from, C) if want_dw else (0, C), x.dtype)
     Z = new((R, V), x.dtype)
     pm, ps, pz = new((nblk, R), x.dtype), new((nblk, R), x.dtype), new(R, x.dtype)
     dxp = new((nth if want_dx else 1, R, C), x.dtype)
     with blas_single_threaded():
-        _head_ce_cpu(gemm, xv, wc, tv, sv, bool(want_dx), bool(want_dw), R, vb, nth,
+        _head_ce_cpu(gemm, xv, wc, tv, sv, bool(want_dx), bool(want_dw), int(dw_from), R, vb, nth,
                      lv, lsev, dxv, dwv, Z, pm, ps, pz, dxp)
     if every:
         loss, lse = lv, lsev
@@ -276,10 +279,10 @@ GPU_ROWS = 4096
 
 
 @register("head_ce", "gpu")
-def head_ce_gpu(x, w, targets, ignore_index, scale, want_dx, want_dw):
+def head_ce_gpu(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0):
     from kernels.cross_entropy import cross_entropy_bwd_gpu, cross_entropy_fwd_gpu  # noqa: PLC0415
     xp = array_module(x)
-    loss, lse, dx, dw = _empty_results(xp, x, w, want_dx, want_dw)
+    loss, lse, dx, dw = _empty_results(xp, x, w, want_dx, want_dw, dw_from)
     scale = _row_scales(xp, scale, x.shape[0], x.dtype)
     wt = w.T
     for r0 in range(0, x.shape[0], GPU_ROWS):
@@ -296,7 +299,7 @@ def head_ce_gpu(x, w, targets, ignore_index, scale, want_dx, want_dw):
             if want_dx:
                 dx[rows] = xp.matmul(d, w)
             if want_dw:
-                dw += xp.matmul(d.T, xc)
+                dw += xp.matmul(d[:, dw_from:].T, xc)
     return loss, lse, dx, dw
 
 

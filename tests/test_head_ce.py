@@ -71,6 +71,19 @@ def test_a_scale_per_row(dt, tol, N, C, V, rows, vb):
         head_ce.head_ce_ref(x, w, t, IGN, s[:-1], True, True)
 
 
+@pytest.mark.parametrize("N, C, V, rows, vb", SHAPES[:3])
+def test_dw_of_the_rows_from_k_only(N, C, V, rows, vb):
+    """dw_from=k: dw is the whole product's rows k.. (a grown vocabulary's trainable rows), in
+    the reference and the CPU kernel, k inside a vocabulary block, on a block edge, V-1 and V."""
+    x, w, t = case(N, C, V, np.float64)
+    whole = head_ce.head_ce_ref(x, w, t, IGN, 0.5, True, True)
+    for k in sorted({1, V // 2, V - 1, V, vb or 1}):
+        want = head_ce.head_ce_ref(x, w, t, IGN, 0.5, True, True, k)
+        assert want[3].shape == (V - k, C)
+        np.testing.assert_allclose(want[3], whole[3][k:], rtol=1e-12, atol=1e-14)
+        check_outputs(head_ce.head_ce_cpu(x, w, t, IGN, 0.5, True, True, k, rows=rows, vb=vb), want, 1e-12)
+
+
 def test_reference_is_the_unfused_math():
     """The reference against cross_entropy's kernels on the whole (N, V) logits, lse 0 where ignored."""
     from kernels.cross_entropy import cross_entropy_bwd_ref, cross_entropy_fwd_ref
@@ -109,10 +122,12 @@ def test_poisoned_outputs(monkeypatch, dt):
     did nothing")."""
     monkeypatch.setattr(head_ce, "_new", lambda shape, dtype: np.full(shape, np.nan, dtype=dtype))
     x, w, t = case(70, 9, 130, dt, ignore_every=0)
-    want = head_ce.head_ce_ref(x, w, t, IGN, 1 / 70, True, True)
-    got = head_ce.head_ce_cpu(x, w, t, IGN, 1 / 70, True, True, rows=32, vb=16)
-    assert all(np.all(np.isfinite(a)) for a in got)
-    check_outputs(got, want, 1e-12 if dt == np.float64 else 2e-5)
+    s = np.linspace(-1, 1, 70)
+    for scale, k in ((1 / 70, 0), (s, 0), (1 / 70, 40)):  # one scale, a scale per row, dw of rows 40..
+        want = head_ce.head_ce_ref(x, w, t, IGN, scale, True, True, k)
+        got = head_ce.head_ce_cpu(x, w, t, IGN, scale, True, True, k, rows=32, vb=16)
+        assert all(np.all(np.isfinite(a)) for a in got)
+        check_outputs(got, want, 1e-12 if dt == np.float64 else 2e-5)
 
 
 def test_dispatch_and_16bit():

@@ -315,6 +315,44 @@ def test_the_heads_partial_weight_gradient_equals_the_whole_products_rows(monkey
         assert np.abs(a).sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["gpt", "llama-untied"])
+@pytest.mark.parametrize("head", ["loss", "sequence_logprobs"])
+def test_the_fused_head_on_a_grown_vocabulary_equals_the_logits_path(kind, head):
+    """SFT's fused head + loss and DPO's fused sequence log-probs on a joined head weight: the
+    same value and the same gradients of every trainable (adapters, added rows) as the logits
+    path, with the head's dW made for the added rows only (kernels/head_ce.py dw_from)."""
+    from tinylm.models.llama import Llama, LlamaConfig
+    from tinylm.posttrain.logprobs import sequence_logprobs
+
+    make = model if kind == "gpt" else (lambda: Llama(LlamaConfig(
+        n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=16, vocab_size=50, dtype="float64"), seed=1))
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, 53, (3, 12))
+    tgt = np.roll(idx, -1, axis=1)
+    tgt[:, :4] = -100
+    tgt[:, 6] = 51  # an added token among the targets
+    wt = tensor(np.array([1.5, -0.5, 2.0]))
+    m, added = grown(make)
+    lm = apply_lora(m, rank=2, alpha=4, seed=0, added_rows=added)
+    for _, p in lm.adapters():  # B != 0: the adapters change the hidden states
+        p.data[...] = rng.normal(size=p.shape) * 0.1
+    res = []
+    for fused in (False, True):
+        for _, p in lm.trainable():
+            p.grad = None
+        if head == "loss":
+            out = lm.loss(idx, tgt) if fused else lm(idx, tgt)[1]
+        else:
+            out = (lm.sequence_logprobs(idx, tgt) if fused else sequence_logprobs(lm(idx)[0], tgt)) * wt
+        out.sum().backward()
+        res.append((out.numpy(), {n: p.grad.copy() for n, p in lm.trainable()}))
+    (v0, g0), (v1, g1) = res
+    assert any(n.startswith("added_rows.") for n in g1) and g0.keys() == g1.keys()
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    for n in g0:
+        np.testing.assert_allclose(g1[n], g0[n], rtol=1e-9, atol=1e-13, err_msg=n)
+
+
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 def test_linear_with_trained_rows_gradchecks(layout):
     rng = np.random.default_rng(3)

@@ -249,15 +249,15 @@ class HeadCrossEntropy(Function):
     temporary of the weight's size. The (V, C) dw kept from forward to backward replaces the
     (N, V) logits the unfused pair keeps (and their gradient): smaller whenever N > C."""
 
-    def forward(self, x, w, targets, ignore_index):  # (..., C), (V, C), (N,) -> ()
+    def forward(self, x, w, targets, ignore_index, w_from=None):  # (..., C), (V, C), (N,) -> ()
         xp = xp_of(x)
-        self.x_shape = x.shape
+        self.x_shape, self.w_from = x.shape, w_from
         x2 = _contig(xp, x.reshape(-1, x.shape[-1]))
         count = max(int((targets != ignore_index).sum()), 1)
         grads = is_grad_enabled()
         want_dx, want_dw = grads and self.needs_grad[0], grads and self.needs_grad[1]
         loss_rows, _, self.dx, self.dw = _k("head_ce", x2, w)(
-            x2, _contig(xp, w), targets, ignore_index, 1.0 / count, want_dx, want_dw)
+            x2, _contig(xp, w), targets, ignore_index, 1.0 / count, want_dx, want_dw, w_from or 0)
         # all rows ignored: loss 0, zero gradient (as F.cross_entropy)
         return xp.asarray(loss_rows.sum() / count, dtype=x.dtype)
 
@@ -268,7 +268,18 @@ class HeadCrossEntropy(Function):
             dx = (self.dx if g == 1.0 else self.dx * self.dx.dtype.type(g)).reshape(self.x_shape)
         if not self.needs_grad[1]:
             return dx, None
+        if self.w_from:
+            return dx, rows_from(self.dw, self.w_from, g)
         return dx, scaled_into_sink(self, 1, self.dw, g)
+
+
+def rows_from(dw, k: int, g: float = 1.0):
+    """The (V, C) gradient of a weight of which only rows k.. train (``_trained_from``), from
+    those rows' (V - k, C) gradient ``dw`` times g: zeros above (the op that made the weight,
+    join_rows, keeps the rows k..)."""
+    full = xp_of(dw).zeros((k + dw.shape[0], dw.shape[1]), dtype=dw.dtype)
+    full[k:] = dw if g == 1.0 else dw * dw.dtype.type(g)
+    return full
 
 
 def scaled_into_sink(fn: Function, i: int, dw, g: float = 1.0):
@@ -296,14 +307,12 @@ def head_cross_entropy(x: Tensor, w: Tensor, targets, ignore_index: int = -100) 
     so that only a chunk of rows' logits exists at a time (kernels/head_ce.py). x (..., C),
     targets of x's leading shape; ignore_index rows are left out of the mean; a batch with none
     gives 0 with zero gradient. A head whose weight trains only some rows (LoRA's grown
-    vocabulary, ``trained_from``) goes through the unfused pair."""
+    vocabulary, ``trained_from``) gets the gradient of those rows only."""
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"head_cross_entropy: x {x.shape} and w {w.shape} do not fit: need w of shape (V, {x.shape[-1]})")
-    if _trained_from(w, 0):
-        return cross_entropy(linear_t(x, w), targets, ignore_index)
     xp = xp_of(x.data)
     t = _checked_targets(xp, targets, x.shape[:-1], w.shape[0], int(ignore_index), "head_cross_entropy")
-    return HeadCrossEntropy.apply(x, w, targets=t, ignore_index=int(ignore_index))
+    return HeadCrossEntropy.apply(x, w, targets=t, ignore_index=int(ignore_index), **_trained_from(w, 0))
 
 
 # ---- embedding ------------------------------------------------------------------------------

@@ -96,10 +96,10 @@ def sequence_logprobs(logits: Tensor, targets, ignore_index: int = IGNORE, avera
 class HeadSequenceLogProbs(Function):
     """(B, T, C) hidden states, (V, C) head -> (B,) float64 log-probs; see the module docstring."""
 
-    def forward(self, x, w, targets, ignore_index, average):  # targets (B, T) int64
+    def forward(self, x, w, targets, ignore_index, average, w_from=None):  # targets (B, T) int64
         xp = xp_of(x)
         B, T = targets.shape
-        self.x_shape, self.ignore_index = x.shape, ignore_index
+        self.x_shape, self.ignore_index, self.w_from = x.shape, ignore_index, w_from or 0
         self.x2 = xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))
         self.w = xp.ascontiguousarray(w)
         self.t = xp.ascontiguousarray(targets.reshape(-1))
@@ -115,30 +115,30 @@ class HeadSequenceLogProbs(Function):
         return lp
 
     def backward(self, dout):  # (B,) float64
-        from tinylm.functional import scaled_into_sink  # noqa: PLC0415
+        from tinylm.functional import rows_from, scaled_into_sink  # noqa: PLC0415
 
         xp = xp_of(dout)
         g = -dout if self.per_row is None else -dout * self.per_row  # d(-loss_n): logp_n = -loss_n
         T = self.t.shape[0] // g.shape[0]
         scale = xp.repeat(g, T)  # each token its sequence's weight (ignored rows: the kernel drops them)
         want_dx, want_dw = self.needs_grad[0], self.needs_grad[1]
-        _, _, dx, dw = self.kernel(self.x2, self.w, self.t, self.ignore_index, scale, want_dx, want_dw)
-        return (dx.reshape(self.x_shape) if want_dx else None,
-                scaled_into_sink(self, 1, dw) if want_dw else None)
+        _, _, dx, dw = self.kernel(self.x2, self.w, self.t, self.ignore_index, scale, want_dx, want_dw,
+                                   self.w_from)
+        if want_dw:
+            dw = rows_from(dw, self.w_from) if self.w_from else scaled_into_sink(self, 1, dw)
+        return dx.reshape(self.x_shape) if want_dx else None, dw
 
 
 def head_sequence_logprobs(x: Tensor, w: Tensor, targets, ignore_index: int = IGNORE,
                            average: bool = False) -> Tensor:
     """``sequence_logprobs(linear_t(x, w), targets)`` without the (B, T, V) logits: x (B, T, C)
     final hidden states, w (V, C) the head's weight (PyTorch's layout), targets (B, T). A head
-    that trains only some rows (LoRA's grown vocabulary) goes through the logits."""
+    that trains only some rows (LoRA's grown vocabulary) gets the gradient of those rows only."""
     from tinylm import functional as F  # noqa: PLC0415
 
     if x.ndim != 3 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"head_sequence_logprobs: need x (B, T, C) and w (V, C), got {x.shape} and {w.shape}")
-    if F._trained_from(w, 0):
-        return sequence_logprobs(F.linear_t(x, w), targets, ignore_index, average)
     t = F._checked_targets(xp_of(x.data), targets, x.shape[:-1], w.shape[0], int(ignore_index),
                            "head_sequence_logprobs")
     return HeadSequenceLogProbs.apply(x, w, targets=t.reshape(x.shape[:-1]), ignore_index=int(ignore_index),
-                                      average=bool(average))
+                                      average=bool(average), **F._trained_from(w, 0))
