@@ -125,9 +125,42 @@ def test_poisoned_outputs(monkeypatch, dt):
     s = np.linspace(-1, 1, 70)
     for scale, k in ((1 / 70, 0), (s, 0), (1 / 70, 40)):  # one scale, a scale per row, dw of rows 40..
         want = head_ce.head_ce_ref(x, w, t, IGN, scale, True, True, k)
+        head_ce._free.clear()  # nothing reused: every buffer from the poisoned _new
         got = head_ce.head_ce_cpu(x, w, t, IGN, scale, True, True, k, rows=32, vb=16)
         assert all(np.all(np.isfinite(a)) for a in got)
         check_outputs(got, want, 1e-12 if dt == np.float64 else 2e-5)
+
+
+def test_reused_buffers_give_the_same_results(monkeypatch):
+    """The pool (kernels/head_ce.py: the chunk's logits and dw kept for the next call): buffers
+    handed back full of NaN are overwritten, so the results equal the reference; the autograd op
+    hands dw back once backward has added it into the gradient buffer and the graph is freed,
+    and not when a view of it went out as the gradient."""
+    monkeypatch.setattr(head_ce, "POOL_BYTES", 1)
+    monkeypatch.setattr(head_ce, "_free", {})
+    x, w, t = case(70, 9, 130, np.float32)
+    want = head_ce.head_ce_ref(x, w, t, IGN, 0.5, True, True)
+    for _ in range(2):
+        for shape in ((70, 130), (130, 9)):  # Z (rows, V) and dw (V, C), poisoned
+            head_ce.give_back(np.full(shape, np.nan, dtype=np.float32))
+        got = head_ce.head_ce_cpu(x, w, t, IGN, 0.5, True, True, rows=100)
+        check_outputs(got, want, 2e-5)
+        assert got[3].base is None and (130, 9) not in {k[0] for k in head_ce._free}  # dw is the caller's now
+    # through the op: the gradient buffer exists (sink), the dw buffer comes back after backward
+    wt = leaf(w)
+    wt.grad = np.zeros_like(w)
+    head_ce._free.clear()
+    F.head_cross_entropy(leaf(x), wt, t).backward()
+    assert ((130, 9), "<f4") in head_ce._free
+    first = wt.grad.copy()
+    wt.grad[...] = 0
+    F.head_cross_entropy(leaf(x), wt, t).backward()  # with the reused dw
+    np.testing.assert_array_equal(wt.grad, first)
+    wt2 = leaf(w)  # no gradient buffer: a view of dw becomes the gradient (copied), not handed back
+    head_ce._free.clear()
+    F.head_cross_entropy(leaf(x), wt2, t).backward()
+    assert ((130, 9), "<f4") not in head_ce._free
+    np.testing.assert_allclose(wt2.grad, first, rtol=1e-6, atol=1e-7)
 
 
 def test_dispatch_and_16bit():

@@ -270,7 +270,16 @@ class HeadCrossEntropy(Function):
             return dx, None
         if self.w_from:
             return dx, rows_from(self.dw, self.w_from, g)
+        self.lent = g == 1.0 and self.grad_sink(1) is None  # a view of dw goes to the engine
         return dx, scaled_into_sink(self, 1, self.dw, g)
+
+    def free(self):  # backward has run: dw's buffer serves the next step (kernels/head_ce.py),
+        # unless a view of it went out as the gradient
+        if not self.__dict__.get("lent", False):
+            from kernels.head_ce import give_back  # noqa: PLC0415
+
+            give_back(self.__dict__.get("dw"))
+        super().free()
 
 
 def rows_from(dw, k: int, g: float = 1.0):

@@ -97,6 +97,12 @@ class Function:
     def backward(self, dout):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def free(self) -> None:
+        """Drop what forward saved: called once backward has run and the graph is not retained.
+        An op whose saved arrays can serve the next step (kernels/head_ce.py's dw) hands them
+        back first."""
+        self.__dict__.clear()
+
     def grad_sink(self, i: int):
         """The array input ``i``'s gradient will be added into, when backward may add its share
         there itself; else None.
@@ -301,7 +307,7 @@ class Tensor:
             if not retain_graph:
                 node.ctx = None
                 node.freed = True
-                ctx.__dict__.clear()  # release the saved activations now, not at the end
+                ctx.free()  # release the saved activations now, not at the end
 
     # ---- operators (all defined in tinylm.ops; imported late to avoid a cycle) -----------
     def __add__(self, other):
