@@ -52,7 +52,9 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   (``openblas_get_corename``, threadpoolctl's "architecture") and the machine's float32 GEMM
   ceiling measured in that mode (np.matmul 4096^3 on OpenBLAS's own threads, best of 3), and the
   table gives each training step's GFLOP/s as a share of it. PyTorch's CPU build uses MKL, which
-  the variables do not touch (on this AMD CPU MKL runs its generic AVX2 path);
+  the variables do not touch (on this AMD CPU MKL runs its generic AVX2 path); the same worker
+  times PyTorch's GEMM on the same matrices, and the line prints OpenBLAS/PyTorch: a step that
+  were all GEMM could be at most about that many times PyTorch's speed;
 - the per-op profile (config M by default; ``--profile-config S`` for another, ``--no-profile``
   for none) runs two more tinylm steps with every Function's forward and backward timed, and
   prints where the step goes per op (Linear split by weight shape).
@@ -595,7 +597,25 @@ def worker_ceiling(args) -> dict:
     a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(3))
-    return {"gflops": 2 * n ** 3 / best / 1e9, **blas_info()}
+    out = {"gflops": 2 * n ** 3 / best / 1e9, **blas_info()}
+    try:  # PyTorch's own GEMM on the same matrices (MKL here), when PyTorch is installed
+        import torch
+    except ImportError:
+        return out
+    torch.set_num_threads(args.threads)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ta @ tb
+    out["torch_gflops"] = 2 * n ** 3 / min(_timed(lambda: ta @ tb) for _ in range(3)) / 1e9
+    out["torch_blas"] = "MKL" if torch.backends.mkl.is_available() else "not MKL"
+    return out
+
+
+def ceiling_line(c: dict) -> str:
+    line = f"OpenBLAS {c['corename'] or '?'}: float32 GEMM ceiling (4096^3, 2 threads) {c['gflops']:,.0f} GFLOP/s"
+    if "torch_gflops" in c:  # what bounds the tinylm/PyTorch ratio of a step made of GEMMs
+        line += (f"; PyTorch ({c['torch_blas']}) on the same matrices {c['torch_gflops']:,.0f} GFLOP/s: "
+                 f"OpenBLAS/PyTorch {c['gflops'] / c['torch_gflops']:.2f}")
+    return line
 
 
 def _timed(fn) -> float:
@@ -641,8 +661,7 @@ def print_train_table(rows: list[tuple[str, dict, dict | None]], mode: str = "as
     what = {"as-is": "the environment as it is", "unset": "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset"}[mode]
     print(f"\n## Training step (forward, backward, clip, AdamW), fp32, median of the measured steps: {what}\n")
     if ceiling:
-        print(f"OpenBLAS kernels: {ceiling['corename'] or '?'}; float32 GEMM ceiling (4096^3, 2 threads): "
-              f"{ceiling['gflops']:,.0f} GFLOP/s\n")
+        print(ceiling_line(ceiling) + "\n")
     print("| config | params | framework | ms/step | tokens/s | GFLOP/s | share of ceiling | peak RSS MiB | growth MiB | first loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, ours, theirs in rows:
@@ -703,7 +722,7 @@ def measure(args, names, llamas, have_torch, mode) -> dict:
     """Every measurement, in one BLAS environment mode; prints its tables; returns the results."""
     print(f"\n# BLAS environment: {mode}", flush=True)
     ceiling = run_worker("ceiling", "M", "train", args, "")
-    print(f"OpenBLAS {ceiling['corename']}: float32 GEMM ceiling {ceiling['gflops']:,.0f} GFLOP/s", flush=True)
+    print(ceiling_line(ceiling), flush=True)
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="tinylm-bench-") as tmp:
         for name in ([] if args.only_gen else names):
