@@ -105,6 +105,7 @@ def main() -> None:
     for f in jobs.values():  # warm-up: JIT loading, first-touch pages
         f()
     best = {k: float("inf") for k in jobs}
+    times = {k: [] for k in jobs}
     for r in range(args.rounds):
         line = []
         for k, f in jobs.items():
@@ -112,27 +113,34 @@ def main() -> None:
             f()
             dt = time.perf_counter() - t0
             best[k] = min(best[k], dt)
+            times[k].append(dt)
             line.append(f"{k} {dt * 1e3:,.0f} ms")
         print(f"round {r + 1}/{args.rounds}: " + "; ".join(line), flush=True)
     torch_res = torch_in_subprocess(make()[0], x, y_sft, ref, c, args)
+    print(f"\nconfig {args.config}: {c}, B={B}, T={T}; threads {args.threads}; {args.rounds} rounds\n")
+    med = {k: float(np.median(v)) for k, v in times.items()}
     if torch_res is not None:
         best["DPO fwd+bwd, PyTorch eager"] = torch_res["best"]
-    print(f"\nconfig {args.config}: {c}, B={B}, T={T}; threads {args.threads}; fastest of {args.rounds} rounds\n")
-    print("| what | ms |\n|---|---|")
-    for k, v in best.items():
-        print(f"| {k} | {v * 1e3:,.0f} |")
-    print("\n| ratio | value | target |\n|---|---|---|")
-    print(f"| SFT step / pretraining step | {best['SFT step'] / best['pretrain step']:.2f} | <= 1.05 |")
-    print(f"| LoRA step / full fine-tuning step | {best['LoRA SFT step'] / best['SFT step']:.2f} | <= 0.8 |")
-    print(f"| LoRA step with the chat-token rows training / full fine-tuning step | "
-          f"{best['LoRA SFT step, 4 chat-token rows training'] / best['SFT step']:.2f} | <= 0.8 |")
-    print(f"| DPO step (cached ref) / policy fwd+bwd | "
-          f"{best['DPO fwd+bwd (cached ref)'] / best['policy fwd+bwd (CE)']:.2f} | <= 1.1 |")
-    print(f"| DPO step (cached ref) / policy fwd+bwd with the CE on the same response tokens | "
-          f"{best['DPO fwd+bwd (cached ref)'] / best['policy fwd+bwd (CE on the response tokens)']:.2f} | <= 1.1 |")
+        med["DPO fwd+bwd, PyTorch eager"] = float(np.median(torch_res["times"]))
+    print("| what | fastest ms | median ms |\n|---|---|---|")
+    for k in best:
+        print(f"| {k} | {best[k] * 1e3:,.0f} | {med[k] * 1e3:,.0f} |")
+    ratios = [("SFT step / pretraining step", "SFT step", "pretrain step", "<= 1.05"),
+              ("LoRA step / full fine-tuning step", "LoRA SFT step", "SFT step", "<= 0.8"),
+              ("LoRA step with the chat-token rows training / full fine-tuning step",
+               "LoRA SFT step, 4 chat-token rows training", "SFT step", "<= 0.8"),
+              ("DPO step (cached ref) / policy fwd+bwd", "DPO fwd+bwd (cached ref)", "policy fwd+bwd (CE)", "<= 1.1"),
+              ("DPO step (cached ref) / policy fwd+bwd with the CE on the same response tokens",
+               "DPO fwd+bwd (cached ref)", "policy fwd+bwd (CE on the response tokens)", "<= 1.1")]
     if torch_res is not None:
-        print(f"| PyTorch DPO step / tinylm DPO step | "
-              f"{best['DPO fwd+bwd, PyTorch eager'] / best['DPO fwd+bwd (cached ref)']:.2f} | >= 1.0 |")
+        ratios.append(("PyTorch DPO step / tinylm DPO step", "DPO fwd+bwd, PyTorch eager", "DPO fwd+bwd (cached ref)",
+                       ">= 1.0"))
+    # both statistics: on a machine whose load moves 10-30% between rounds one lucky round can
+    # decide a fastest-of ratio; the median of the alternating rounds is the steadier one
+    print("\n| ratio | fastest rounds | median rounds | target |\n|---|---|---|---|")
+    for name, num, den, target in ratios:
+        print(f"| {name} | {best[num] / best[den]:.2f} | {med[num] / med[den]:.2f} | {target} |")
+    if torch_res is not None:
         print(f"\nfirst DPO loss: tinylm {first_dpo:.6f}, PyTorch {torch_res['first']:.6f} (same weights and batch)")
 
 
