@@ -56,7 +56,8 @@ def _cases(dt, rng):
         "cross_entropy_bwd": ((z, tg, lse, f(3), -100), ()),
         # 5 rows (one ignored), C=6, V=300 (the CPU kernel's vocabulary blocks: see head_ce.py);
         # a gradient scale per row (a sequence log-prob's backward; one number is the same path)
-        "head_ce": ((f(5, 6), f(300, 6), np.array([5, 299, -100, 0, 17]), -100, f(5), True, True), ()),
+        # and dw of rows 100.. only (a grown vocabulary's head)
+        "head_ce": ((f(5, 6), f(300, 6), np.array([5, 299, -100, 0, 17]), -100, f(5), True, True, 100), ()),
         "attention_fwd": ((q, k, v), ()),
         "attention_bwd": ((d, q, k, v, o, l), ()),
         "embedding_fwd": ((ids, f(11, 40)), ()),  # 600 outputs: 3 blocks
