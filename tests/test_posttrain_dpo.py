@@ -183,3 +183,70 @@ def test_fused_sequence_logprobs_in_float32_match_float64():
     a, b = m.sequence_logprobs(idx, tgt).numpy(), m64.sequence_logprobs(idx, tgt).numpy()
     assert a.dtype == np.float64
     np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt_tied", "llama_untied"])
+def test_fused_token_logprobs_equal_the_logits_path(name):
+    """model.token_logprobs (GRPO's) against token_logprobs of the logits: values, and every
+    parameter's gradient under a weight per token (an advantage per row times a KL-like term)."""
+    m = _models()[name]
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, 41, (3, 12))
+    tgt = np.roll(idx, -1, axis=1)
+    tgt[:, :4] = IGNORE
+    wt = tinylm.tensor(rng.normal(size=(3, 12)))
+    res = []
+    for fused in (False, True):
+        m.zero_grad()
+        lp = m.token_logprobs(idx, tgt) if fused else token_logprobs(m(idx)[0], tgt)
+        ((lp * wt).sum() + (lp * 0.5).exp().sum()).backward()
+        res.append((lp.numpy(), {n: p.grad.copy() for n, p in m.named_parameters()}))
+    (l0, g0), (l1, g1) = res
+    assert l1.shape == (3, 12) and l1.dtype == np.float64 and (l1[:, :4] == 0).all()
+    np.testing.assert_allclose(l1, l0, rtol=1e-12, atol=1e-14)
+    for n in g0:
+        np.testing.assert_allclose(g1[n], g0[n], rtol=1e-9, atol=1e-13, err_msg=n)
+
+
+def test_fused_token_logprobs_gradcheck():
+    from tinylm.posttrain.logprobs import head_token_logprobs
+    rng = np.random.default_rng(6)
+    x, w = f64(rng.normal(size=(2, 3, 5))), f64(rng.normal(size=(7, 5)))
+    t = np.array([[1, IGNORE, 6], [0, 0, 2]])
+    wt = rng.normal(size=(2, 3))
+    assert tinylm.gradcheck(lambda a, b: (head_token_logprobs(a, b, t) * wt).sum(), [x, w])
+    np.testing.assert_allclose(head_token_logprobs(x, w, t).numpy(), token_logprobs_ref(x.numpy() @ w.numpy().T, t),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_grpo_loss_through_the_fused_head_equals_the_logits_path(monkeypatch):
+    """GRPO's loss (advantages and the k3 KL to a reference) and its gradients are the same
+    with model.token_logprobs and with the (B, T, V) logits it replaced."""
+    import contextlib
+
+    from tinylm.models.base import LanguageModel
+    m, chat = chat_model("float64")
+    ref, _ = chat_model("float64")
+    for p in ref.parameters():
+        p.data[...] += 0.01  # a reference that differs from the policy: the KL is not 0
+    recs = [{"id": "b", "prompt": [{"role": "user", "content": "b"}]}]
+
+    def reward(rec, text):
+        return float(len(text) % 2)
+
+    def run():
+        obj = GRPO(chat, reward, group_size=4, max_new_tokens=5, seed=0, kl_coef=0.3,
+                   reference=lambda: contextlib.nullcontext(ref))
+        m.zero_grad()
+        loss, metrics = obj.loss(m, recs)
+        assert loss is not None and metrics["kl"] > 0
+        loss.backward()
+        return loss.item(), {n: p.grad.copy() for n, p in m.named_parameters()}
+
+    l1, g1 = run()
+    monkeypatch.setattr(LanguageModel, "token_logprobs",
+                        lambda self, x, y, ignore_index=IGNORE: token_logprobs(self(x)[0], y, ignore_index))
+    l0, g0 = run()
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    for n in g0:
+        np.testing.assert_allclose(g1[n], g0[n], rtol=1e-9, atol=1e-13, err_msg=n)

@@ -54,6 +54,13 @@ class LanguageModel(Module):
         logits are never made: kernels/head_ce.py): what training calls."""
         return self(idx, targets, ignore_index=ignore_index, return_logits=False)[1]
 
+    def token_logprobs(self, idx, targets, ignore_index: int = -100):
+        """(B, T) float64 Tensor: log p(targets) per position, 0 where ignored, through the fused
+        LM head (tinylm/posttrain/logprobs.py), without the (B, T, V) logits: what GRPO trains with."""
+        from tinylm.posttrain.logprobs import head_token_logprobs  # noqa: PLC0415
+
+        return self(idx, head=lambda x, w: (None, head_token_logprobs(x, w, targets, ignore_index)))[1]
+
     def sequence_logprobs(self, idx, targets, ignore_index: int = -100, average: bool = False):
         """(B,) float64 Tensor: the sum (``average``: mean) of log p(targets) over each row's
         kept tokens, through the fused LM head (tinylm/posttrain/logprobs.py): what DPO trains

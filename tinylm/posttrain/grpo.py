@@ -32,7 +32,6 @@ import numpy as np
 from tinylm.generate import generate
 from tinylm.posttrain.chat import IGNORE
 from tinylm.posttrain.data import EpochOrder, padded_batch
-from tinylm.posttrain.logprobs import token_logprobs
 from tinylm.tensor import no_grad
 from tinylm.train.objectives import Objective
 
@@ -160,13 +159,12 @@ class GRPO(Objective):
         x, y = padded_batch([(p + a, [0] * len(p) + [1] * len(a)) for p, a in rows], end)
         self.last_tokens = int((y != IGNORE).sum())
         n_tok = max(self.last_tokens, 1)
-        logits, _ = model(x)
-        lp = token_logprobs(logits, y)  # (R, T) float64, 0 off the answers
+        lp = model.token_logprobs(x, y)  # (R, T) float64, 0 off the answers; fused head, no logits
         A = np.asarray(advs, dtype=np.float64)[:, None]
         loss = (lp * A).sum() * (-1.0 / n_tok)
         if kl_on:
             with no_grad(), self.reference() as ref:
-                ref_lp = token_logprobs(ref(x)[0], y).numpy()
+                ref_lp = ref.token_logprobs(x, y).numpy()
             d = (lp * -1.0) + ref_lp  # log ref - log pi (0 off the answers)
             kl = (d.exp() - d - 1.0).sum() * (1.0 / n_tok)
             loss = loss + kl * self.kl_coef

@@ -2,8 +2,8 @@
 
     token_logprobs(logits (B, T, V), targets (B, T))      -> (B, T) float64, 0 where ignored
     sequence_logprobs(logits, targets, average=False)     -> (B,)   sum (or mean) over kept tokens
-    head_sequence_logprobs(x, w, targets, average=False)  -> (B,)   the same of logits x @ w^T,
-                                                                    never made (fused LM head)
+    head_token_logprobs(x, w, targets)                    -> (B, T) the same of logits x @ w^T,
+    head_sequence_logprobs(x, w, targets, average=False)  -> (B,)   never made (fused LM head)
 
 Math (row n, logits z (V,), target t): logp_n = z_t - lse(z), lse(z) = m + log sum_j exp(z_j - m).
 Backward: d logp_n / d z_j = [j == t] - softmax(z)_j, so dz = dout_n (onehot(t) - softmax(z)),
@@ -16,14 +16,17 @@ Precision: whatever the model's dtype, the per-row log-softmax is computed in fl
 float64: DPO subtracts sequence log-probs of a few hundred tokens from each other, where
 float32 sums would lose the difference.
 
-The fused form (what DPO trains with: ``model.sequence_logprobs``) takes the final hidden states
+The fused form (what DPO and GRPO train with: ``model.sequence_logprobs``,
+``model.token_logprobs``) takes the final hidden states
 x (B, T, C) and the head's weight w (V, C) and runs kernels/head_ce.py, whose per-row losses are
 -log p. Its forward asks the kernel for the losses only (one x @ w^T GEMM per row chunk, no
 gradient work). Unlike the mean cross-entropy, whose gradient is fixed up to one scalar, a
-sequence log-prob's gradient weights every row by its own incoming gradient, dout_b (DPO's
-dL/dlogp_b), known only once every row's log-prob is; so backward runs the kernel again with
-scale_n = -dout_b(n) (/ n_b with ``average``) per token and gets dx and dw: one extra GEMM of the
-head (the forward's, recomputed) in place of the (B, T, V) logits and their gradient.
+token log-prob's gradient weights every token by its own incoming gradient, dout_n (DPO's
+dL/dlogp_b of the token's sequence, GRPO's advantage and KL term), known only once every row's
+log-prob is; so backward runs the kernel again with scale_n = -dout_n per token and gets dx and
+dw: one extra GEMM of the head (the forward's, recomputed) in place of the (B, T, V) logits and
+their gradient. The sequence form is the token form summed over each row (and divided by the
+row's token count with ``average``).
 
 ``token_logprobs_ref`` is the NumPy reference (float64 throughout) the op is tested against.
 """
@@ -32,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 
 import kernels
-from tinylm.backend import xp_of
-from tinylm.tensor import Function, Tensor, is_grad_enabled
+from tinylm.backend import to_device, xp_of
+from tinylm.tensor import Function, Tensor
 
 IGNORE = -100
 
@@ -93,34 +96,24 @@ def sequence_logprobs(logits: Tensor, targets, ignore_index: int = IGNORE, avera
     return lp
 
 
-class HeadSequenceLogProbs(Function):
-    """(B, T, C) hidden states, (V, C) head -> (B,) float64 log-probs; see the module docstring."""
+class HeadTokenLogProbs(Function):
+    """(B, T, C) hidden states, (V, C) head -> (B, T) float64 log p(target), 0 where ignored;
+    see the module docstring."""
 
-    def forward(self, x, w, targets, ignore_index, average, w_from=None):  # targets (B, T) int64
+    def forward(self, x, w, targets, ignore_index, w_from=None):  # targets (B, T) int64
         xp = xp_of(x)
-        B, T = targets.shape
         self.x_shape, self.ignore_index, self.w_from = x.shape, ignore_index, w_from or 0
         self.x2 = xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))
         self.w = xp.ascontiguousarray(w)
         self.t = xp.ascontiguousarray(targets.reshape(-1))
         self.kernel = kernels.get("head_ce", self.x2, self.w)
         loss_rows = self.kernel(self.x2, self.w, self.t, ignore_index, 1.0, False, False)[0]
-        lp = -loss_rows.astype(np.float64).reshape(B, T).sum(axis=1)  # 0 on ignored rows
-        self.per_row = None
-        if average:
-            self.per_row = 1.0 / xp.maximum((targets != ignore_index).sum(axis=1), 1).astype(np.float64)
-            lp = lp * self.per_row
-        if not is_grad_enabled():
-            self.x2 = self.w = None
-        return lp
+        return -loss_rows.astype(np.float64).reshape(targets.shape)  # logp = -loss; 0 on ignored rows
 
-    def backward(self, dout):  # (B,) float64
+    def backward(self, dout):  # (B, T) float64
         from tinylm.functional import rows_from, scaled_into_sink  # noqa: PLC0415
 
-        xp = xp_of(dout)
-        g = -dout if self.per_row is None else -dout * self.per_row  # d(-loss_n): logp_n = -loss_n
-        T = self.t.shape[0] // g.shape[0]
-        scale = xp.repeat(g, T)  # each token its sequence's weight (ignored rows: the kernel drops them)
+        scale = -dout.reshape(-1)  # each token its own weight: d(-loss_n) (ignored rows: the kernel drops them)
         want_dx, want_dw = self.needs_grad[0], self.needs_grad[1]
         _, _, dx, dw = self.kernel(self.x2, self.w, self.t, self.ignore_index, scale, want_dx, want_dw,
                                    self.w_from)
@@ -129,16 +122,27 @@ class HeadSequenceLogProbs(Function):
         return dx.reshape(self.x_shape) if want_dx else None, dw
 
 
-def head_sequence_logprobs(x: Tensor, w: Tensor, targets, ignore_index: int = IGNORE,
-                           average: bool = False) -> Tensor:
-    """``sequence_logprobs(linear_t(x, w), targets)`` without the (B, T, V) logits: x (B, T, C)
-    final hidden states, w (V, C) the head's weight (PyTorch's layout), targets (B, T). A head
-    that trains only some rows (LoRA's grown vocabulary) gets the gradient of those rows only."""
+def head_token_logprobs(x: Tensor, w: Tensor, targets, ignore_index: int = IGNORE) -> Tensor:
+    """``token_logprobs(linear_t(x, w), targets)`` without the (B, T, V) logits: x (B, T, C)
+    final hidden states, w (V, C) the head's weight (PyTorch's layout), targets (B, T) -> (B, T)
+    float64, 0 where ignored. A head that trains only some rows (LoRA's grown vocabulary) gets
+    the gradient of those rows only."""
     from tinylm import functional as F  # noqa: PLC0415
 
     if x.ndim != 3 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"head_sequence_logprobs: need x (B, T, C) and w (V, C), got {x.shape} and {w.shape}")
+        raise ValueError(f"head_token_logprobs: need x (B, T, C) and w (V, C), got {x.shape} and {w.shape}")
     t = F._checked_targets(xp_of(x.data), targets, x.shape[:-1], w.shape[0], int(ignore_index),
-                           "head_sequence_logprobs")
-    return HeadSequenceLogProbs.apply(x, w, targets=t.reshape(x.shape[:-1]), ignore_index=int(ignore_index),
-                                      average=bool(average), **F._trained_from(w, 0))
+                           "head_token_logprobs")
+    return HeadTokenLogProbs.apply(x, w, targets=t.reshape(x.shape[:-1]), ignore_index=int(ignore_index),
+                                   **F._trained_from(w, 0))
+
+
+def head_sequence_logprobs(x: Tensor, w: Tensor, targets, ignore_index: int = IGNORE,
+                           average: bool = False) -> Tensor:
+    """``sequence_logprobs(linear_t(x, w), targets)`` without the (B, T, V) logits: the sum (or
+    mean) over each row of ``head_token_logprobs``, (B,) float64."""
+    lp = head_token_logprobs(x, w, targets, ignore_index).sum(axis=-1)
+    if average:
+        t = np.asarray(to_device(targets.data if isinstance(targets, Tensor) else targets, "cpu"))
+        lp = lp * (1.0 / np.maximum((t != ignore_index).sum(axis=-1), 1).astype(np.float64))
+    return lp
