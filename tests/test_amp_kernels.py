@@ -3,10 +3,6 @@ per-format tolerance table (kernels/_lowp.py TOLERANCE): on the CPU here, and th
 under Numba's CUDA simulator in a subprocess (the simulator must be on before numba.cuda is
 imported). The cases are kernels/_gpucheck.py's: several blocks per launch, extreme logits,
 saturated gates, grouped-query attention."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +11,6 @@ import kernels
 from kernels._gpucheck import FAMILIES, check_16bit
 from kernels._lowp import ACTIVATION_OUTPUTS, TOLERANCE
 
-ROOT = Path(__file__).resolve().parents[1]
 OPS = sorted(op for fam in FAMILIES for op in __import__(f"kernels.{fam}", fromlist=["VARIANTS"]).VARIANTS)
 
 
@@ -57,13 +52,9 @@ def test_mixed_formats_in_one_call_are_refused():
 
 
 @pytest.mark.slow
-def test_16bit_gpu_kernels_under_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "kernels._gpucheck", "sim16"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    out = r.stdout + r.stderr
+def test_16bit_gpu_kernels_under_simulator(gpucheck):
+    rc, out = gpucheck["sim16"]  # tests/conftest.py: run beside the other simulator checks
     for op in OPS:
         for fmt in TOLERANCE:
             assert f"OK sim16 {op} gpu {fmt}:" in out, out
-    assert "FAIL" not in out and r.returncode == 0, out
+    assert "FAIL" not in out and rc == 0, out

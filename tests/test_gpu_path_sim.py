@@ -2,17 +2,11 @@
 its numba.cuda kernel (``TINYLM_KERNELS=gpu``) under Numba's CUDA simulator, against the same
 step on the NumPy references. This is what shows that ``tinylm.functional``, the model and the
 optimizer drive the GPU kernels correctly (argument order, shapes, dtypes, outputs written),
-without a GPU. Runs in subprocesses: the simulator must be chosen before numba.cuda is imported.
+without a GPU. Runs in subprocesses (the simulator must be chosen before numba.cuda is imported),
+the four side by side.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 STEP = r"""
 import sys, numpy as np
@@ -39,23 +33,26 @@ np.savez(sys.argv[1], **out)
 """
 
 
-def run_step(path, kernels_env, sim, model="gpt"):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TINYLM_KERNELS=kernels_env)
-    if sim:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    else:
-        env.pop("NUMBA_ENABLE_CUDASIM", None)
-    r = subprocess.run([sys.executable, "-c", STEP, str(path), model], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    with np.load(path, allow_pickle=False) as z:
-        return dict(z)
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory, side_by_side):
+    """The step on the references and on the simulated GPU kernels, GPT and Llama: four
+    subprocesses side by side (tests/conftest.py: each is single-threaded Python)."""
+    d = tmp_path_factory.mktemp("gpu_path")
+    jobs = {(model, kind): (["-c", STEP, str(d / f"{model}-{kind}.npz"), model],
+                            {"TINYLM_KERNELS": kind, **({"NUMBA_ENABLE_CUDASIM": "1"} if kind == "gpu" else {})})
+            for model in ("gpt", "llama") for kind in ("ref", "gpu")}
+    out = {}
+    for key, (rc, text) in side_by_side(jobs).items():
+        assert rc == 0, text[-3000:]
+        with np.load(d / f"{key[0]}-{key[1]}.npz", allow_pickle=False) as z:
+            out[key] = dict(z)
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt", "llama"])
-def test_training_step_on_gpu_kernels_matches_references(tmp_path, model):
-    ref = run_step(tmp_path / "ref.npz", "ref", sim=False, model=model)
-    gpu = run_step(tmp_path / "gpu.npz", "gpu", sim=True, model=model)
+def test_training_step_on_gpu_kernels_matches_references(steps, model):
+    ref, gpu = steps[(model, "ref")], steps[(model, "gpu")]
     assert ref.keys() == gpu.keys()
     for k in ref:
         np.testing.assert_allclose(gpu[k], ref[k], rtol=2e-4, atol=2e-6, err_msg=k)

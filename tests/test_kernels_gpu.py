@@ -1,19 +1,16 @@
 """GPU kernels without a GPU: the CUDA simulator against the references, and PTX for sm_80/sm_90.
 
 Each mode runs ``python -m kernels._gpucheck`` in a subprocess (the simulator has to be switched
-on before numba.cuda is first imported; compile_ptx needs it off), and the test asserts on the
+on before numba.cuda is first imported; compile_ptx needs it off), the three modes side by side
+(tests/conftest.py, ``gpucheck``), and the test asserts on the
 per-kernel lines, against the list below, so a kernel that disappears from the checker fails.
 A real-GPU run (CuPy arrays) is in ``test_real_gpu``, skipped where there is none.
 """
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
 GPU_OPS = [  # (op, variant) of every GPU variant in the VARIANTS tables, kernels/lab/ included
     ("layernorm_fwd", "gpu"), ("layernorm_bwd", "gpu"), ("gelu_fwd", "gpu"), ("gelu_bwd", "gpu"),
@@ -32,17 +29,6 @@ PTX_KERNELS = [
 ]
 
 
-def run_check(mode, sim):
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    if sim:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "kernels._gpucheck", mode], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    return r.returncode, r.stdout + r.stderr
-
-
 def test_variant_tables_list_the_gpu_ops():
     from kernels._gpucheck import FAMILIES
     from kernels.lab import variants
@@ -52,8 +38,8 @@ def test_variant_tables_list_the_gpu_ops():
     assert found == sorted(GPU_OPS)
 
 
-def test_gpu_kernels_under_simulator():
-    rc, out = run_check("sim", sim=True)
+def test_gpu_kernels_under_simulator(gpucheck):
+    rc, out = gpucheck["sim"]
     for op, name in GPU_OPS:
         for dt in ("float32", "float64"):
             assert f"OK sim {op} {name} {dt}:" in out, out
@@ -61,9 +47,9 @@ def test_gpu_kernels_under_simulator():
 
 
 @pytest.mark.slow
-def test_gpu_kernels_compile_to_ptx():
+def test_gpu_kernels_compile_to_ptx(gpucheck):
     pytest.importorskip("numba.cuda")
-    rc, out = run_check("ptx", sim=False)
+    rc, out = gpucheck["ptx"]
     for k in PTX_KERNELS:
         for cc in ("sm_80", "sm_90"):
             assert f"OK ptx {k} {cc}:" in out, out
