@@ -130,39 +130,52 @@ def _models():
 
 
 @pytest.mark.parametrize("name", ["gpt_tied", "llama_untied"])
-@pytest.mark.parametrize("average", [False, True])
-def test_fused_sequence_logprobs_equal_the_logits_path(name, average):
-    """Values and every parameter's gradient, with a weight per row as DPO's backward gives
-    (a prompt masked, a row with no kept token: 0 and no gradient)."""
+@pytest.mark.parametrize("kind", ["sum", "mean", "token"])
+def test_fused_logprobs_equal_the_logits_path(name, kind):
+    """model.sequence_logprobs (DPO's, sum or mean) and model.token_logprobs (GRPO's) against the
+    same of the logits: values, and every parameter's gradient under a weight per row (DPO's
+    backward) or per token plus a nonlinear term (GRPO's advantages and KL); a prompt masked, a
+    row with no kept token (0 and no gradient)."""
     m = _models()[name]
     rng = np.random.default_rng(0)
     idx = rng.integers(0, 41, (4, 12))
     tgt = np.roll(idx, -1, axis=1)
     tgt[:, :5] = IGNORE
     tgt[2] = IGNORE
-    weight = tinylm.tensor(np.array([0.7, -1.3, 5.0, 0.2]))
+    weight = tinylm.tensor(rng.normal(size=(4, 12) if kind == "token" else 4))
     res = []
     for fused in (False, True):
         m.zero_grad()
-        lp = m.sequence_logprobs(idx, tgt, average=average) if fused else \
-            sequence_logprobs(m(idx)[0], tgt, average=average)
-        (lp * weight).sum().backward()
+        if kind == "token":
+            lp = m.token_logprobs(idx, tgt) if fused else token_logprobs(m(idx)[0], tgt)
+            loss = (lp * weight).sum() + (lp * 0.5).exp().sum()
+        else:
+            avg = kind == "mean"
+            lp = m.sequence_logprobs(idx, tgt, average=avg) if fused else \
+                sequence_logprobs(m(idx)[0], tgt, average=avg)
+            loss = (lp * weight).sum()
+        loss.backward()
         res.append((lp.numpy(), {n: p.grad.copy() for n, p in m.named_parameters()}))
     (l0, g0), (l1, g1) = res
-    assert l1.dtype == np.float64 and l1.shape == (4,) and l1[2] == 0.0
-    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    assert l1.dtype == np.float64 and l1.shape == ((4, 12) if kind == "token" else (4,))
+    assert (l1[2] == 0.0).all() and (kind != "token" or (l1[:, :5] == 0).all())
+    np.testing.assert_allclose(l1, l0, rtol=1e-12, atol=1e-14)
     for n in g0:
         np.testing.assert_allclose(g1[n], g0[n], rtol=1e-9, atol=1e-13, err_msg=n)
 
 
-def test_fused_sequence_logprobs_gradcheck_and_errors():
-    from tinylm.posttrain.logprobs import head_sequence_logprobs
+def test_fused_logprobs_gradcheck_and_errors():
+    from tinylm.posttrain.logprobs import head_sequence_logprobs, head_token_logprobs
     rng = np.random.default_rng(3)
     x, w = f64(rng.normal(size=(2, 3, 5))), f64(rng.normal(size=(7, 5)))
     t = np.array([[1, IGNORE, 6], [0, 0, 2]])
     wt = np.array([0.5, -2.0])
     for avg in (False, True):
         assert tinylm.gradcheck(lambda a, b: (head_sequence_logprobs(a, b, t, average=avg) * wt).sum(), [x, w])
+    wtok = rng.normal(size=(2, 3))  # a weight per token (GRPO's)
+    assert tinylm.gradcheck(lambda a, b: (head_token_logprobs(a, b, t) * wtok).sum(), [x, w])
+    np.testing.assert_allclose(head_token_logprobs(x, w, t).numpy(), token_logprobs_ref(x.numpy() @ w.numpy().T, t),
+                               rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(head_sequence_logprobs(x, w, t).numpy(),
                                token_logprobs_ref(x.numpy() @ w.numpy().T, t).sum(1), rtol=1e-12)
     with pytest.raises(ValueError, match="outside"):
@@ -183,40 +196,6 @@ def test_fused_sequence_logprobs_in_float32_match_float64():
     a, b = m.sequence_logprobs(idx, tgt).numpy(), m64.sequence_logprobs(idx, tgt).numpy()
     assert a.dtype == np.float64
     np.testing.assert_allclose(a, b, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["gpt_tied", "llama_untied"])
-def test_fused_token_logprobs_equal_the_logits_path(name):
-    """model.token_logprobs (GRPO's) against token_logprobs of the logits: values, and every
-    parameter's gradient under a weight per token (an advantage per row times a KL-like term)."""
-    m = _models()[name]
-    rng = np.random.default_rng(5)
-    idx = rng.integers(0, 41, (3, 12))
-    tgt = np.roll(idx, -1, axis=1)
-    tgt[:, :4] = IGNORE
-    wt = tinylm.tensor(rng.normal(size=(3, 12)))
-    res = []
-    for fused in (False, True):
-        m.zero_grad()
-        lp = m.token_logprobs(idx, tgt) if fused else token_logprobs(m(idx)[0], tgt)
-        ((lp * wt).sum() + (lp * 0.5).exp().sum()).backward()
-        res.append((lp.numpy(), {n: p.grad.copy() for n, p in m.named_parameters()}))
-    (l0, g0), (l1, g1) = res
-    assert l1.shape == (3, 12) and l1.dtype == np.float64 and (l1[:, :4] == 0).all()
-    np.testing.assert_allclose(l1, l0, rtol=1e-12, atol=1e-14)
-    for n in g0:
-        np.testing.assert_allclose(g1[n], g0[n], rtol=1e-9, atol=1e-13, err_msg=n)
-
-
-def test_fused_token_logprobs_gradcheck():
-    from tinylm.posttrain.logprobs import head_token_logprobs
-    rng = np.random.default_rng(6)
-    x, w = f64(rng.normal(size=(2, 3, 5))), f64(rng.normal(size=(7, 5)))
-    t = np.array([[1, IGNORE, 6], [0, 0, 2]])
-    wt = rng.normal(size=(2, 3))
-    assert tinylm.gradcheck(lambda a, b: (head_token_logprobs(a, b, t) * wt).sum(), [x, w])
-    np.testing.assert_allclose(head_token_logprobs(x, w, t).numpy(), token_logprobs_ref(x.numpy() @ w.numpy().T, t),
-                               rtol=1e-12, atol=1e-15)
 
 
 def test_grpo_loss_through_the_fused_head_equals_the_logits_path(monkeypatch):
