@@ -229,3 +229,25 @@ def test_grpo_loss_through_the_fused_head_equals_the_logits_path(monkeypatch):
     np.testing.assert_allclose(l1, l0, rtol=1e-12)
     for n in g0:
         np.testing.assert_allclose(g1[n], g0[n], rtol=1e-9, atol=1e-13, err_msg=n)
+
+
+def test_fused_logprobs_hand_dw_back_only_once_it_is_added(monkeypatch):
+    """The token op's backward makes dw (kernels/head_ce.py's pool): once added into the
+    gradient buffer it serves the next call; with no buffer it becomes the gradient, not pooled."""
+    from kernels import head_ce
+    from tinylm.posttrain.logprobs import head_token_logprobs
+    monkeypatch.setattr(head_ce, "POOL_BYTES", 1)
+    monkeypatch.setattr(head_ce, "_free", {})
+    rng = np.random.default_rng(7)
+    x, w = f64(rng.normal(size=(2, 3, 5))), f64(rng.normal(size=(7, 5)))
+    t = np.array([[1, IGNORE, 6], [0, 0, 2]])
+    head_token_logprobs(x, w, t).sum().backward()
+    assert ((7, 5), "<f8") not in head_ce._free
+    first = w.grad.copy()
+    w.grad[...] = 0  # now a gradient buffer exists
+    head_token_logprobs(x, w, t).sum().backward()
+    assert ((7, 5), "<f8") in head_ce._free
+    np.testing.assert_allclose(w.grad, first, rtol=1e-12, atol=1e-15)
+    w.grad[...] = 0
+    head_token_logprobs(x, w, t).sum().backward()  # with the reused dw
+    np.testing.assert_allclose(w.grad, first, rtol=1e-12, atol=1e-15)

@@ -270,8 +270,9 @@ class HeadCrossEntropy(Function):
             return dx, None
         if self.w_from:
             return dx, rows_from(self.dw, self.w_from, g)
-        self.lent = g == 1.0 and self.grad_sink(1) is None  # a view of dw goes to the engine
-        return dx, scaled_into_sink(self, 1, self.dw, g)
+        out = scaled_into_sink(self, 1, self.dw, g)
+        self.lent = out is not ACCUMULATED and g == 1.0  # a view of dw went to the engine
+        return dx, out
 
     def free(self):  # backward has run: dw's buffer serves the next step (kernels/head_ce.py),
         # unless a view of it went out as the gradient

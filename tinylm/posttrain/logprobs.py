@@ -36,7 +36,7 @@ import numpy as np
 
 import kernels
 from tinylm.backend import to_device, xp_of
-from tinylm.tensor import Function, Tensor
+from tinylm.tensor import ACCUMULATED, Function, Tensor
 
 IGNORE = -100
 
@@ -89,10 +89,15 @@ def token_logprobs(logits: Tensor, targets, ignore_index: int = IGNORE) -> Tenso
 def sequence_logprobs(logits: Tensor, targets, ignore_index: int = IGNORE, average: bool = False) -> Tensor:
     """Sum (``average``: mean) of log p over each row's kept targets: (B, T, V), (B, T) -> (B,)."""
     t = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
-    lp = token_logprobs(logits, t, ignore_index).sum(axis=-1)
+    return _per_sequence(token_logprobs(logits, t, ignore_index), t, ignore_index, average)
+
+
+def _per_sequence(token_lp: Tensor, t: np.ndarray, ignore_index: int, average: bool) -> Tensor:
+    """(B, T) token log-probs -> (B,): each row's sum, or with ``average`` its mean over the
+    row's kept targets (a row with none: 0)."""
+    lp = token_lp.sum(axis=-1)
     if average:
-        n = np.maximum((t != ignore_index).sum(axis=-1), 1).astype(np.float64)
-        lp = lp * (1.0 / n)
+        lp = lp * (1.0 / np.maximum((t != ignore_index).sum(axis=-1), 1).astype(np.float64))
     return lp
 
 
@@ -111,14 +116,20 @@ class HeadTokenLogProbs(Function):
         return -loss_rows.astype(np.float64).reshape(targets.shape)  # logp = -loss; 0 on ignored rows
 
     def backward(self, dout):  # (B, T) float64
+        from kernels.head_ce import give_back  # noqa: PLC0415
         from tinylm.functional import rows_from, scaled_into_sink  # noqa: PLC0415
 
         scale = -dout.reshape(-1)  # each token its own weight: d(-loss_n) (ignored rows: the kernel drops them)
         want_dx, want_dw = self.needs_grad[0], self.needs_grad[1]
         _, _, dx, dw = self.kernel(self.x2, self.w, self.t, self.ignore_index, scale, want_dx, want_dw,
                                    self.w_from)
-        if want_dw:
-            dw = rows_from(dw, self.w_from) if self.w_from else scaled_into_sink(self, 1, dw)
+        if want_dw and self.w_from:
+            dw = rows_from(dw, self.w_from)
+        elif want_dw:
+            out = scaled_into_sink(self, 1, dw)
+            if out is ACCUMULATED:  # added into the gradient buffer: the array serves the next call
+                give_back(dw)
+            dw = out
         return dx.reshape(self.x_shape) if want_dx else None, dw
 
 
@@ -141,8 +152,5 @@ def head_sequence_logprobs(x: Tensor, w: Tensor, targets, ignore_index: int = IG
                            average: bool = False) -> Tensor:
     """``sequence_logprobs(linear_t(x, w), targets)`` without the (B, T, V) logits: the sum (or
     mean) over each row of ``head_token_logprobs``, (B,) float64."""
-    lp = head_token_logprobs(x, w, targets, ignore_index).sum(axis=-1)
-    if average:
-        t = np.asarray(to_device(targets.data if isinstance(targets, Tensor) else targets, "cpu"))
-        lp = lp * (1.0 / np.maximum((t != ignore_index).sum(axis=-1), 1).astype(np.float64))
-    return lp
+    t = np.asarray(to_device(targets.data if isinstance(targets, Tensor) else targets, "cpu"))
+    return _per_sequence(head_token_logprobs(x, w, targets, ignore_index), t, ignore_index, average)
