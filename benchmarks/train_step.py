@@ -60,9 +60,12 @@ How it measures, so the ratios mean something on a noisy 2-core machine:
   prints where the step goes per op (Linear split by weight shape).
 
 - ``--dtypes fp32,bf16,fp16`` (mixed precision): instead of PyTorch, tinylm's own step in each
-  format through the Trainer's path (ParamStore with fp32 masters, fp16 loss scaling), the
-  rounds alternating over the formats: step time and peak memory growth against fp32, and bytes
-  per parameter as the store holds them against the ZeRO paper's 16.
+  format through the Trainer's path (ParamStore with fp32 masters and a 16-bit working copy,
+  the forward under autocast so the activations are 16-bit, fp16 loss scaling), the rounds
+  alternating over the formats: step time and peak memory growth against fp32, and bytes per
+  parameter as the store holds them against the ZeRO paper's 16. ``--batch N`` runs every
+  config at N sequences a step (16-bit storage saves the activations' half; the parameter
+  state is 16 bytes a weight either way, so the saving grows with the batch).
 
 Usage: .venv/bin/python benchmarks/train_step.py [--configs S,M,L] [--steps N] [--warmup W]
        [--threads 2] [--gen-tokens 200] [--gen-batch 8] [--no-gen | --only-gen] [--no-profile]
@@ -75,6 +78,7 @@ Leaves out: GPU (a later issue), torch.compile (43 s to compile at M, no faster:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -204,7 +208,7 @@ def worker_tinylm(c: dict, args) -> dict:
     fmt = getattr(args, "dtype", "fp32")
     if fmt == "fp32":
         opt = AdamW(model.param_groups(WD), lr=LR, betas=BETAS)
-        store, scaler = None, None
+        store, scaler, activations = None, None, contextlib.nullcontext
     else:  # [amp #13] the Trainer's path: fp32 masters and moments, 16-bit values, fp16 loss scaling
         from types import SimpleNamespace
 
@@ -214,6 +218,7 @@ def worker_tinylm(c: dict, args) -> dict:
         store = ParamStore.for_model(model, WD)
         policy, scaler = amp_train.setup(store, SimpleNamespace(dtype=fmt, master_weights=True, seed=0))
         opt = AdamW(store, lr=LR, betas=BETAS)
+        activations = lambda: amp_train.activations(policy)  # noqa: E731 (the forward as the Trainer runs it)
         res["bytes_held"] = policy.bytes_held(store)
         res["bytes_zero"] = policy.bytes_per_param()
     data = batches(c)
@@ -222,7 +227,8 @@ def worker_tinylm(c: dict, args) -> dict:
     def step(i):
         x, y = data[i % N_BATCHES]
         t0 = time.perf_counter()
-        _, loss = model(x, y, return_logits=False)  # as the Trainer: the fused LM head + loss
+        with activations():
+            _, loss = model(x, y, return_logits=False)  # as the Trainer: the fused LM head + loss
         lv = loss.item()
         t1 = time.perf_counter()
         (loss if scaler is None else loss * scaler.scale).backward()
@@ -642,6 +648,8 @@ def run_worker(framework: str, cfg_name: str, mode: str, args, init_dir: str, pr
         cmd.append("--profile")
     if getattr(args, "dtype", "fp32") != "fp32":
         cmd += ["--dtype", args.dtype]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -815,7 +823,8 @@ def measure_dtypes(args, names, dtypes) -> dict:
     """[amp #13] tinylm's step in each format against its own fp32 step, the rounds alternating
     over the formats: median step time, peak memory growth, and bytes per parameter as the
     store holds them against the ZeRO paper's mixed-precision Adam accounting."""
-    print(f"\n# Formats {','.join(dtypes)} (tinylm only; BLAS environment: {args.blas_mode})", flush=True)
+    batch = f"; batch {args.batch} for every config" if args.batch else ""
+    print(f"\n# Formats {','.join(dtypes)} (tinylm only; BLAS environment: {args.blas_mode}{batch})", flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="tinylm-bench-") as tmp:
         for name in names:
@@ -878,6 +887,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", metavar="LIST",
                     help="[amp] instead of the PyTorch comparison: tinylm's step in these formats (e.g. "
                          "fp32,bf16,fp16) against its fp32 step: time, peak memory, bytes per parameter")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="sequences per step for every config, instead of each config's own (e.g. --dtypes at a "
+                         "batch where the activations outweigh the parameter state)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=argparse.SUPPRESS)  # worker
     ap.add_argument("--worker", choices=["tinylm", "torch", "ceiling"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["train", "gen"], default="train", help=argparse.SUPPRESS)
@@ -895,7 +907,10 @@ def main(argv=None) -> int:
         args.steps = args.steps if args.steps is not None else DEFAULT_STEPS[base_name(name)]
         args.warmup = args.warmup if args.warmup is not None else (1 if base_name(name) == "L" else 2)
         fn = worker_tinylm if args.worker == "tinylm" else worker_torch
-        print("RESULT " + json.dumps(fn(config_of(name), args)), flush=True)
+        c = config_of(name)
+        if args.batch:
+            c["batch"] = args.batch
+        print("RESULT " + json.dumps(fn(c, args)), flush=True)
         return 0
     names = [s.strip().upper() for s in args.configs.split(",") if s.strip()]
     llamas = [s.strip().upper() for s in args.llama_configs.split(",") if s.strip()]

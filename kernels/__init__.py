@@ -22,8 +22,10 @@ Number formats (mixed precision, tinylm/amp/). One policy for every family, CPU 
   against 37 ms in fp32, docs/performance.md), so on the CPU 16-bit is a storage format and
   matmul converts to fp32 and calls the same BLAS; on a GPU an fp16 matmul is cuBLAS in fp16
   with fp32 accumulation.
-- The engine's Tensors stay float32 (tinylm/amp/policy.py says why and what a 16-bit run
-  stores where).
+- The engine (tinylm/tensor.py, ``autocast``) keeps a 16-bit run's activations and working
+  weights in these formats and hands the kernels float32 it decoded, except where a kernel
+  reads the format itself (the fused head decodes its weight block by block, head_ce.py);
+  tinylm/amp/policy.py says what a 16-bit run stores where.
 """
 # Threads, and why no OMP_WAIT_POLICY is set here any more: Numba's OpenMP workers spin for a
 # moment after each parallel kernel (libgomp's default), and so do OpenBLAS's own threads after

@@ -173,6 +173,70 @@ def _round_fp16_cpu(xf, xu, out):  # (n,) float32 and its uint32 view -> (n,) ui
             out[i] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
 
 
+@njit(cache=True, parallel=True)
+def _f32_to_fp16_cpu(u32, xf, out16):  # (n,) float32 bits and values -> (n,) fp16 bits, as NumPy's astype
+    # NumPy converts float32 -> float16 one element at a time on one core; this is the same
+    # rounding (nearest, ties to even; overflow -> inf; subnormals), parallel and branch-free
+    # (every case computed, one selected: 2x the branchy loop here): an fp16 run stores every
+    # activation, so the conversion is on every layer's path
+    for i in prange(u32.size):
+        u = u32[i]
+        sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+        a = u & np.uint32(0x7FFFFFFF)
+        # normal: rebias the exponent (127 -> 15), keep 10 mantissa bits, nearest even on the
+        # 13 dropped (a carry into the exponent is right: 65504 + a tie or more -> inf)
+        b = (a - np.uint32(0x38000000)) >> np.uint32(13)
+        rem = a & np.uint32(0x1FFF)
+        up = (rem > np.uint32(0x1000)) | ((rem == np.uint32(0x1000)) & ((b & np.uint32(1)) == np.uint32(1)))
+        r = b + np.uint32(up)
+        # below 2^-14: a subnormal k * 2^-24, k = |x| * 2^24 (exact) rounded to nearest even by
+        # the float addition of 2^23, after which k is the mantissa's low bits
+        k = np.float32(abs(xf[i]) * np.float32(16777216.0) + np.float32(8388608.0)).view(np.uint32) & np.uint32(0x7FFFFF)
+        r = r if a >= np.uint32(0x38800000) else k
+        r = np.uint32(0x7C00) if a >= np.uint32(0x477FF000) else r  # >= 65520, and inf: inf
+        # NaN -> a quiet NaN, sign and top payload bits kept
+        r = (np.uint32(0x7E00) | ((a >> np.uint32(13)) & np.uint32(0x3FF))) if a > np.uint32(0x7F800000) else r
+        out16[i] = np.uint16(sign | r)
+
+
+@njit(cache=True, parallel=True)
+def _fp16_to_f32_cpu(h16, out):  # (n,) fp16 bits -> (n,) float32 (exact)
+    # the magnitude's bits shifted into a float32's place are that value times 2^-112, for
+    # normals and subnormals alike: one exact multiplication by 2^112 (no fastmath here:
+    # subnormal float32 inputs must not be flushed), then inf/NaN and the sign
+    for i in prange(h16.size):
+        h = np.uint32(h16[i])
+        v = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13)).view(np.float32) * np.float32(2.0 ** 112)
+        if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
+            v = np.float32(np.inf) if (h & np.uint32(0x3FF)) == np.uint32(0) else np.float32(np.nan)
+        out[i] = -v if (h & np.uint32(0x8000)) else v
+
+
+def f32_to_fp16(x, out=None):
+    """float32 -> float16 (round to nearest even; overflow -> inf): NumPy's ``astype``, in
+    parallel (``out``: a float16 array to fill)."""
+    if not (_numpy(x) and (out is None or (_numpy(out) and out.flags.c_contiguous and out.dtype == FP16))):
+        with np.errstate(over="ignore"):
+            if out is None:
+                return x.astype(np.float16)
+            out[...] = x
+            return out
+    xf = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    res = np.empty(xf.size, np.float16) if out is None else out
+    _f32_to_fp16_cpu(xf.view(np.uint32), xf, res.reshape(-1).view(np.uint16))
+    return res.reshape(np.shape(x)) if out is None else out
+
+
+def fp16_to_f32(h):
+    """float16 -> float32 (exact): NumPy's ``astype``, in parallel."""
+    if not _numpy(h):
+        return h.astype(np.float32)
+    flat = np.ascontiguousarray(h).reshape(-1).view(np.uint16)
+    out = np.empty(flat.size, np.float32)
+    _fp16_to_f32_cpu(flat, out)
+    return out.reshape(h.shape)
+
+
 def _numpy(a) -> bool:
     return isinstance(a, np.ndarray)
 
@@ -257,7 +321,7 @@ def to_f32(a):
     if dt == BF16:
         return bf16_to_f32(a)
     if dt == FP16:
-        return a.astype(np.float32)
+        return fp16_to_f32(a)
     return a
 
 
@@ -266,8 +330,7 @@ def from_f32(x, fmt: str):
     if fmt == "bf16":
         return f32_to_bf16(x)
     if fmt == "fp16":
-        with np.errstate(over="ignore"):
-            return x.astype(np.float16)
+        return f32_to_fp16(x)
     if fmt == "fp32":
         return x
     raise ValueError(f"unknown format {fmt!r}: expected fp32, bf16 or fp16")

@@ -25,6 +25,11 @@ costs one (V, C) array between forward and backward, smaller than the (N, V) log
 whenever N > C (M: 12.6 MB against 67 MB of logits and 67 more of their gradient; L: 155 MB
 against 206 + 206). ``want_dx`` / ``want_dw`` False (evaluation, a frozen head) skip that work.
 Ignored rows: lse is reported 0 for them (their logits are never computed on the CPU path).
+A 16-bit w (bf16 bits in uint16, or float16: a mixed-precision run's working copy) with float32
+x: on the CPU each thread decodes the vocabulary block it is about to multiply into its own
+(VB, C) float32 scratch (``_w_block``), in both passes, so no float32 copy of the (V, C) weight
+is made (at L, 154 MB at the step's peak); the other variants get it decoded whole
+(tinylm.functional.HeadCrossEntropy).
 
 CPU ("cpu"): the rows with a target (ignored ones dropped first: SFT masks whole prompts) are cut
 into chunks of ROWS rows; for each chunk the vocabulary is cut into blocks of VB columns, a
@@ -120,7 +125,7 @@ def _row_scales(xp, scale, N, dtype):
 def _empty_results(xp, x, w, want_dx, want_dw, dw_from=0):
     N = x.shape[0]
     return (xp.zeros(N, dtype=x.dtype), xp.zeros(N, dtype=x.dtype),
-            xp.zeros_like(x) if want_dx else None, xp.zeros_like(w[dw_from:]) if want_dw else None)
+            xp.zeros_like(x) if want_dx else None, xp.zeros(w[dw_from:].shape, x.dtype) if want_dw else None)
 
 
 @register("head_ce", "ref")
@@ -158,16 +163,44 @@ def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0)
 # (ROWS, V); pm, ps (nblk, ROWS) the blocks' partial max / sum; pz (ROWS,) the target's logit;
 # dxp (nthreads, ROWS, C) the per-thread dx partials.
 
+@njit(cache=True, inline="always")
+def _w_value(h, kind):  # one stored weight -> float32: kind 1 bf16 bits, 2 fp16 bits
+    if kind == 1:
+        return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+    u = np.uint32(h)
+    e = (u >> np.uint32(10)) & np.uint32(0x1F)
+    m = u & np.uint32(0x3FF)
+    if e == np.uint32(0):  # zero or subnormal: m * 2^-24
+        v = np.float32(m) * np.float32(5.9604644775390625e-08)
+        return -v if u & np.uint32(0x8000) else v
+    sign = (u & np.uint32(0x8000)) << np.uint32(16)
+    if e == np.uint32(0x1F):
+        return np.uint32(sign | np.uint32(0x7F800000) | (m << np.uint32(13))).view(np.float32)
+    return np.uint32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13))).view(np.float32)
+
+
+@njit(cache=True, inline="always")
+def _w_block(w, w16, kind, ws, th, v0, v1, C, isz):
+    """The address of w's rows v0:v1 as float32 for a GEMM: w itself, or (a 16-bit w: a run's
+    working copy) those rows decoded into this thread's scratch ws[th] (vb, C)."""
+    if kind == 0:
+        return w.ctypes.data + v0 * C * isz
+    for r in range(v1 - v0):
+        for c in range(C):
+            ws[th, r, c] = _w_value(w16[v0 + r, c], kind)
+    return ws.ctypes.data + th * ws.shape[1] * C * isz
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
-def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, dw_from, R, vb, nth,
+def _head_ce_cpu(gemm, x, w, w16, kind, ws, targets, scale, want_dx, want_dw, dw_from, R, vb, nth,
                  loss, lse, dx, dw, Z, pm, ps, pz, dxp):
     N, C = x.shape
-    V = w.shape[0]
+    V = w16.shape[0] if kind else w.shape[0]
     nblk = (V + vb - 1) // vb
     isz = x.itemsize
     zero = x[0, 0] - x[0, 0]  # typed zero and one of x's dtype
     one = zero + 1
-    xa0, wa, za, dwa, dxpa = x.ctypes.data, w.ctypes.data, Z.ctypes.data, dw.ctypes.data, dxp.ctypes.data
+    xa0, za, dwa, dxpa = x.ctypes.data, Z.ctypes.data, dw.ctypes.data, dxp.ctypes.data
     for r0 in range(0, N, R):
         nr = min(R, N - r0)
         xa = xa0 + r0 * C * isz
@@ -176,8 +209,8 @@ def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, dw_from, R, vb, n
             for b in range(nblk * th // nth, nblk * (th + 1) // nth):
                 v0 = b * vb
                 v1 = min(V, v0 + vb)
-                gemm(101, 111, 112, nr, v1 - v0, C, one, xa, C, wa + v0 * C * isz, C, zero,
-                     za + v0 * isz, V)
+                gemm(101, 111, 112, nr, v1 - v0, C, one, xa, C, _w_block(w, w16, kind, ws, th, v0, v1, C, isz), C,
+                     zero, za + v0 * isz, V)
                 for r in range(nr):
                     z = Z[r, v0:v1]
                     m = z[0]
@@ -225,8 +258,9 @@ def _head_ce_cpu(gemm, x, w, targets, scale, want_dx, want_dw, dw_from, R, vb, n
                     gemm(101, 112, 111, v1 - a, C, nr, one, za + a * isz, V, xa, C,
                          zero if r0 == 0 else one, dwa + (a - dw_from) * C * isz, C)
                 if want_dx:
-                    gemm(101, 111, 111, nr, C, v1 - v0, one, za + v0 * isz, V, wa + v0 * C * isz, C,
-                         zero if first else one, dxpa + th * R * C * isz, C)
+                    gemm(101, 111, 111, nr, C, v1 - v0, one, za + v0 * isz, V,
+                         _w_block(w, w16, kind, ws, th, v0, v1, C, isz), C, zero if first else one,
+                         dxpa + th * R * C * isz, C)
                 first = False
         if want_dx:
             for r in prange(nr):
@@ -269,8 +303,13 @@ def give_back(a) -> None:
 @register("head_ce", "cpu")
 def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0, *, rows=None, vb=None):
     from kernels._blas import blas_single_threaded, gemm_for  # noqa: PLC0415
-    gemm = gemm_for(x.dtype) if x.dtype == w.dtype else None
+    kind = {np.dtype(np.uint16): 1, np.dtype(np.float16): 2}.get(np.dtype(w.dtype), 0)
+    gemm = gemm_for(x.dtype) if (x.dtype == w.dtype or (kind and x.dtype == np.float32)) else None
     if gemm is None:  # no OpenBLAS GEMM to call from Numba (MKL, Accelerate): the reference
+        if kind:
+            from kernels._formats import to_f32  # noqa: PLC0415
+
+            w = to_f32(w)
         return head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from)
     N, C = x.shape
     V = w.shape[0]
@@ -288,6 +327,10 @@ def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0,
     vb = min(vb or VB, V)
     nblk = (V + vb - 1) // vb
     nth = max(1, min(get_num_threads(), nblk))
+    # a 16-bit w (a bf16/fp16 run's working copy): each thread decodes the block it multiplies
+    # into its own (vb, C) scratch, so no float32 copy of the whole (V, C) weight is made
+    w32, w16 = (np.empty((1, 1), x.dtype), wc.view(np.uint16)) if kind else (wc, np.empty((1, 1), np.uint16))
+    ws = np.empty((nth, vb, C) if kind else (1, 1, 1), x.dtype)
     new = _new  # np.empty; tests make it NaN-filled (a loop that did not run leaves NaN)
     lv, lsev = new(n, x.dtype), new(n, x.dtype)
     dxv = new(xv.shape if want_dx else (0, C), x.dtype)
@@ -296,8 +339,8 @@ def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0,
     pm, ps, pz = new((nblk, R), x.dtype), new((nblk, R), x.dtype), new(R, x.dtype)
     dxp = new((nth if want_dx else 1, R, C), x.dtype)
     with blas_single_threaded():
-        _head_ce_cpu(gemm, xv, wc, tv, sv, bool(want_dx), bool(want_dw), int(dw_from), R, vb, nth,
-                     lv, lsev, dxv, dwv, Z, pm, ps, pz, dxp)
+        _head_ce_cpu(gemm, xv, w32, w16, kind, ws, tv, sv, bool(want_dx), bool(want_dw), int(dw_from), R, vb,
+                     nth, lv, lsev, dxv, dwv, Z, pm, ps, pz, dxp)
     give_back(Z)
     if every:
         loss, lse = lv, lsev
@@ -310,6 +353,9 @@ def head_ce_cpu(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0,
             dx = np.zeros_like(x)
             dx[valid] = dxv
     return loss, lse, dx, (dwv if want_dw else None)
+
+
+head_ce_cpu.takes_16bit_w = True  # w may be bf16 (uint16) or fp16 with x float32 (tinylm.functional)
 
 
 # ---------------------------------------------------------------------------------------------

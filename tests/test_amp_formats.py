@@ -94,6 +94,41 @@ def test_fp16_rounding_matches_numpy_float16_on_its_whole_range():
         np.testing.assert_array_equal(bits(K.round_to_format(a, "fp16", out=np.empty_like(a))), bits(want))
 
 
+def _numpy_fp16(a):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return a.astype(np.float16)
+
+
+def _same_fp16(got, want):
+    """Bit for bit, except that a NaN only has to stay a NaN (its payload is NumPy's business)."""
+    nan = np.isnan(want.astype(np.float32))
+    assert np.isnan(got[nan].astype(np.float32)).all()
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+def test_fp16_storage_conversions_match_numpy_on_every_pattern_and_tie():
+    # the engine's parallel float32 <-> float16 (kernels/_formats.py f32_to_fp16, fp16_to_f32)
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    x = K.fp16_to_f32(h)
+    finite = np.isfinite(h)
+    np.testing.assert_array_equal(bits(x[finite]), bits(h[finite].astype(np.float32)))
+    assert np.isnan(x[np.isnan(h)]).all() and np.array_equal(np.isinf(x), np.isinf(h))
+    with np.errstate(invalid="ignore"):
+        mid = (x[:-1] + x[1:]) / 2  # ties between neighbours, including 65520 (-> inf) and 2^-25 (-> 0)
+    for a in (x, mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf)),
+              np.array([1e9, -1e30, 3e-8, -3e-8, 2.0 ** -26, np.float32(2.0 ** -25) * np.float32(1.0000001)],
+                       np.float32)):
+        a = a.astype(np.float32)
+        _same_fp16(K.f32_to_fp16(a), _numpy_fp16(a))
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=300))
+def test_hypothesis_float32_to_fp16(words):
+    a = np.array(words, dtype=np.uint32).view(np.float32)
+    _same_fp16(K.f32_to_fp16(a), _numpy_fp16(a))
+
+
 def test_stochastic_rounding_is_unbiased_seeded_and_matches_its_reference():
     x = np.full(200_000, 1.0 + 2**-9, np.float32)  # a quarter of the way from 1.0 to the next bf16
     a, b = K.f32_to_bf16_sr(x, 7), K.f32_to_bf16_sr(x, 7)

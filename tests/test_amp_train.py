@@ -73,7 +73,9 @@ def test_bf16_trains_with_and_without_masters(corpus, tmp_path, master):
     assert r["train_losses"][-1] < r["train_losses"][0] - 1.0
     assert abs(r["val"]["loss"] - fp32["val"]["loss"]) < 0.02 * fp32["val"]["loss"]
     model = r["model"]  # the model as it ended training: the working copy, bf16 values
-    assert all(is_bf16(p.data) for _, p in model.named_parameters())
+    assert all(is_bf16(p.values()) for _, p in model.named_parameters())
+    # with masters the working copy is 16-bit storage (2 bytes a weight); without, float32 of bf16 values
+    assert all((p.fmt == "bf16" and p.data.dtype == np.uint16) == master for _, p in model.named_parameters())
     w = load_checkpoint(tmp_path / "bf16" / "checkpoint")["model"]["h.0.mlp.c_fc.weight"]
     assert is_bf16(w) != master  # masters: fp32 in the checkpoint; without: the bf16 weights
 
@@ -92,17 +94,24 @@ def test_store_masters_working_copy_and_adamw_state():
     store.set_format("bf16")
     master = store.buffer("master")[0]
     np.testing.assert_array_equal(master, np.concatenate([e.reshape(-1) for e in exact]))
-    assert all(is_bf16(p.data) for p in ps) and not is_bf16(master)
+    assert not is_bf16(master)
+    # the working copy: 16-bit storage, of which the parameters are views tagged bf16
+    assert all(p.fmt == "bf16" and p.data.dtype == np.uint16 and is_bf16(p.values()) for p in ps)
+    assert all(np.shares_memory(p.data, store.groups[0].p) for p in ps)
     opt = AdamW(store, lr=1e-3)
     for p in ps:
         p.grad[...] = 1.0
     opt.step()
-    assert all(is_bf16(p.data) for p in ps)
-    np.testing.assert_array_equal(store.groups[0].p, bf16_to_f32(f32_to_bf16(master)))
+    assert not np.array_equal(master, np.concatenate([e.reshape(-1) for e in exact]))  # it moved
+    np.testing.assert_array_equal(store.groups[0].p, f32_to_bf16(master))  # refreshed: the masters rounded
+    assert store.buffer("m")[0].dtype == store.buffer("v")[0].dtype == np.float32  # fp32 moments
     sd = opt.state_dict()
     assert "group0.master" in sd
-    with store.masters_in_params():
-        np.testing.assert_array_equal(store.groups[0].p, master)
-    assert is_bf16(store.groups[0].p)
+    with store.masters_in_params():  # what a checkpoint writes: the fp32 masters as the weights
+        assert all(p.fmt is None for p in ps)
+        np.testing.assert_array_equal(np.concatenate([p.data.reshape(-1) for p in ps]), master)
+    assert all(p.fmt == "bf16" and np.shares_memory(p.data, store.groups[0].p) for p in ps)
     held = store.nbytes()
-    assert held["master"] == held["params"] == 4 * store.numel()
+    assert held["master"] == 4 * store.numel() and held["params"] == 2 * store.numel()
+    with pytest.raises(RuntimeError, match="already"):
+        store.set_format("fp16")

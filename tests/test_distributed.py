@@ -89,7 +89,7 @@ def _tiny_run(comm, zero, steps=4, amp=None):
     res = tr.run()
     if comm is not None:
         tr.opt.materialize()
-    w = np.concatenate([p.data.reshape(-1) for _, p in sorted(model.named_parameters())])
+    w = np.concatenate([p.values().reshape(-1) for _, p in sorted(model.named_parameters())])  # a 16-bit store: values
     if amp is not None:
         return res["train_losses"], w, None if tr.scaler is None else tr.scaler.state()
     return res["train_losses"], w
@@ -226,16 +226,22 @@ def test_resume_a_2_rank_zero2_checkpoint_on_1_and_3_ranks(tmp_path):
 
 
 # ---- mixed precision over ranks (mpiexec) ------------------------------------------------------------
-# Tolerances. The losses hold the float32 tests' 1e-5 relative (measured: 3.5e-6 bf16, 2.3e-7
-# fp16). The fp32 masters cannot hold float32's 1e-5: the N-rank gradient differs from the
-# 1-rank one by the order of its sums (1e-7 relative, as in float32), and a 16-bit run then
-# rounds it to the format. Rounding is discontinuous: wherever the two straddle a rounding
-# boundary they land one unit roundoff u apart (fp16 2^-11, bf16 2^-8 relative). AdamW turns
-# such a flip of g into a change of (1 - beta1) u |g| in m, divided by sqrt(v) >= sqrt(1 - beta2)
-# |g| and carried ~1 / (1 - beta1) steps: about lr u / sqrt(1 - beta2) in the weight (6.6e-6
-# fp16, 5.2e-5 bf16 at lr 3e-3). The tolerance is 4 such flips of one weight: 2.6e-5 (fp16;
-# measured 1.05e-5) and 2.1e-4 (bf16; measured 5.9e-5). A wrong step (a rank that skips alone, a
-# gradient not averaged, a missing refresh) moves weights by ~lr = 3e-3, 14x the wider one.
+# Tolerances. The N-rank gradient differs from the 1-rank one by the order of its sums (1e-7
+# relative, as in float32), and a 16-bit run then rounds it to the format. Rounding is
+# discontinuous: wherever the two straddle a rounding boundary they land one unit roundoff u
+# apart (fp16 2^-11, bf16 2^-8 relative). AdamW turns such a flip of g into a change of
+# (1 - beta1) u |g| in m, divided by sqrt(v) >= sqrt(1 - beta2) |g| and carried ~1 / (1 - beta1)
+# steps: about lr u / sqrt(1 - beta2) in the weight (6.6e-6 fp16, 5.2e-5 bf16 at lr 3e-3).
+# MASTER_ATOL is 4 such flips of one weight: 2.6e-5 (fp16) and 2.1e-4 (bf16).
+# The activations are 16-bit too (autocast): a 1e-7 difference in a layer's output (a rank's
+# GEMM over half the rows) flips that activation's rounding, which moves gradients by more
+# than one gradient rounding, and AdamW turns a changed sign of a near-zero gradient into up
+# to ~lr of weight. So a few masters stray past MASTER_ATOL (measured: 0.15-0.2% of them, the
+# largest 3.6e-3 bf16 and 2.5e-4 fp16; 99% are within 7e-5 bf16, 7e-6 fp16) and the losses
+# agree to 1e-4 relative (measured 1.7e-5 bf16, 2.4e-6 fp16). A wrong step (a rank that skips
+# alone, a gradient not averaged, a missing refresh) moves every weight by ~lr = 3e-3: all of
+# them past MASTER_ATOL, against the 1% allowed.
+LOSS_RTOL, MASTER_OFF_SHARE = 1e-4, 0.01
 LR = 3e-3
 MASTER_ATOL = {fmt: 4 * LR * u / np.sqrt(1 - 0.95) for fmt, u in (("fp16", 2.0 ** -11), ("bf16", 2.0 ** -8))}
 AMP_FLAGS = {"bf16": ["--dtype", "float32", "--amp", "bf16"],
@@ -253,8 +259,9 @@ def assert_amp_equal(ref_dir, out, fmt, what):
     ref, _ = result(ref_dir)
     r, w = result(out)
     ref_m, m = np.load(Path(ref_dir) / "masters.npy"), np.load(Path(out) / "masters.npy")
-    np.testing.assert_allclose(r["losses"], ref["losses"][-len(r["losses"]):], rtol=1e-5, err_msg=what)
-    np.testing.assert_allclose(m, ref_m, rtol=0, atol=MASTER_ATOL[fmt], err_msg=what)
+    np.testing.assert_allclose(r["losses"], ref["losses"][-len(r["losses"]):], rtol=LOSS_RTOL, err_msg=what)
+    off = np.abs(m - ref_m) > MASTER_ATOL[fmt]
+    assert off.mean() <= MASTER_OFF_SHARE, f"{what}: {off.mean():.2%} of the masters beyond {MASTER_ATOL[fmt]:.1e}"
     np.testing.assert_array_equal(w, _round(m, fmt), err_msg=f"{what}: the working copy is the masters rounded")
     views = np.array(r["rank_views"])
     assert (views == views[0]).all(), f"{what}: ranks disagree (weights checksums, loss scale, skips): {views}"
@@ -289,15 +296,15 @@ def test_bf16_without_masters_equal_at_2_and_3_ranks(tmp_path):
     # fewer). A real fault should differ in kind (reasoned, not injected here): a rank drawing its
     # own random stream rounds every weight of its range independently at every step, so most
     # would differ by the end, and a wrong step (a gradient not averaged, a rank that skips alone)
-    # moves weights by ~lr. So: the losses to 1e-5, every weight a bf16 value, less than half of
-    # them different, none by lr / 2.
+    # moves weights by ~lr. So: the losses to LOSS_RTOL (1e-4: the activations are bf16 as well,
+    # measured 1.8e-5), every weight a bf16 value, less than half of them different, none by lr / 2.
     flags = [*AMP_FLAGS["bf16"], "--no-master"]
     run(1, tmp_path / "ref", *flags)
     ref, ref_w = result(tmp_path / "ref")
     for n, zero in ((2, 2), (3, 3)):
         run(n, tmp_path / f"n{n}", "--zero", zero, *flags)
         r, w = result(tmp_path / f"n{n}")
-        np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
+        np.testing.assert_allclose(r["losses"], ref["losses"], rtol=LOSS_RTOL)
         assert np.array_equal(w, _round(w, "bf16"))
         assert np.abs(w - ref_w).max() < LR / 2, (n, np.abs(w - ref_w).max())
         assert np.mean(w != ref_w) < 0.5, (n, np.mean(w != ref_w))

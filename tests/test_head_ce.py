@@ -175,6 +175,41 @@ def test_dispatch_and_16bit():
     np.testing.assert_allclose(to_f32(dx), want[2], rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_a_16bit_weight_is_read_block_by_block(monkeypatch, fmt):
+    """A bf16/fp16 w (a 16-bit run's working copy) with float32 x: each thread decodes the block
+    it multiplies, so the results are those of the decoded weight, bit for bit (the same GEMMs on
+    the same float32 numbers); poisoned buffers show every block was decoded. Through the op:
+    a 16-bit parameter reaches the kernel undecoded, the reference and the GPU variant get it
+    decoded whole; loss and gradients equal the float32 weight's either way."""
+    from kernels._formats import from_f32, to_f32
+    from tinylm.tensor import autocast
+
+    monkeypatch.setattr(head_ce, "_new", lambda shape, dtype: np.full(shape, np.nan, dtype=dtype))
+    x, w, t = case(70, 9, 130, np.float32)
+    w16 = from_f32(w, fmt)
+    w32 = to_f32(w16).copy()
+    s = np.linspace(-1, 1, 70).astype(np.float32)
+    for scale, k in ((1 / 70, 0), (s, 0), (1 / 70, 40)):
+        got = head_ce.head_ce_cpu(x, w16, t, IGN, scale, True, True, k, rows=32, vb=16)
+        want = head_ce.head_ce_cpu(x, w32, t, IGN, scale, True, True, k, rows=32, vb=16)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    for backend in ("cpu", "ref"):
+        monkeypatch.setenv("TINYLM_KERNELS", "ref" if backend == "ref" else "")
+        results = []
+        for wt in (Tensor(w16, requires_grad=True, fmt=fmt), leaf(w32)):
+            xt = leaf(x)
+            with autocast(fmt):
+                loss = F.head_cross_entropy(xt, wt, t)
+            loss.backward()
+            results.append((loss.item(), xt.grad, wt.grad))
+        (l16, dx16, dw16), (l32, dx32, dw32) = results
+        assert l16 == l32 and dw16.dtype == np.float32
+        np.testing.assert_array_equal(dx16, dx32)
+        np.testing.assert_array_equal(dw16, dw32)
+
+
 # ---- the autograd op against the composition ------------------------------------------------
 def leaf(a):
     return Tensor(a, requires_grad=True)

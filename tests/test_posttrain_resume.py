@@ -93,15 +93,19 @@ def test_dpo_resume_is_exact(tmp_path, lora_rank, grad_accum, stop):
         assert all(k.endswith((".lora_A", ".lora_B")) for k in wa)
 
 
-@pytest.mark.parametrize("lora_rank,kl_coef,grad_accum,stop", [(0, 0.0, 2, 4), (2, 0.1, 1, 3)])
-def test_grpo_resume_is_exact(tmp_path, lora_rank, kl_coef, grad_accum, stop):
+# [amp #13] bf16: the policy's working copy is 16-bit storage (sampled through decoded weights),
+# its activations 16-bit, the KL reference the init in bf16
+@pytest.mark.parametrize("lora_rank,kl_coef,grad_accum,stop,dtype", [(0, 0.0, 2, 4, "fp32"), (2, 0.1, 1, 3, "fp32"),
+                                                                     (0, 0.1, 1, 3, "bf16")])
+def test_grpo_resume_is_exact(tmp_path, lora_rank, kl_coef, grad_accum, stop, dtype):
     write_ckpt(tmp_path / "init")
     prompts_file(tmp_path / "q.jsonl")
     reward_spec = f"{__file__}:reward"
     la, _ = straight_and_resumed(tmp_path, "grpo", lambda out: GRPOConfig(
         data=[str(tmp_path / "q.jsonl")], group_size=3, max_new_tokens=6, reward=reward_spec, kl_coef=kl_coef,
-        **common(tmp_path, out, lora_rank=lora_rank, grad_accum=grad_accum)), stop=stop)
+        dtype=dtype, **common(tmp_path, out, lora_rank=lora_rank, grad_accum=grad_accum)), stop=stop)
     steps = [r for r in la if "loss" in r]
     assert len({r["reward"] for r in steps}) > 1  # sampling differs step to step: its state must resume
     if kl_coef:
         assert all("kl" in r for r in steps)
+        assert steps[0]["kl"] == 0.0  # policy = reference at the first step, in either format

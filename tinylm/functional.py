@@ -31,6 +31,8 @@ def _contig(xp, a):
 class Linear(Function):
     """out = x @ w + b, w (C_in, C_out) (GPT-2's Conv1D layout); with ``wt=True`` w is
     (C_out, C_in) and out = x @ w^T + b (PyTorch's nn.Linear layout, and the tied GPT head)."""
+    lowp = "activation"
+    saved_lowp = ("x", "w")
 
     def forward(self, x, w, b=None, wt=False, w_from=None):  # (..., C_in), w, (C_out,) -> (..., C_out)
         self.x, self.w, self.wt, self.has_bias = x, w, wt, b is not None
@@ -111,6 +113,9 @@ def linear_t(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
 # ---- layer norm -----------------------------------------------------------------------------
 class LayerNorm(Function):
+    lowp = "activation"
+    saved_lowp = ("x2", "w")
+
     def forward(self, x, w, b, eps):  # (..., C), (C,), (C,) -> (..., C)
         xp = xp_of(x)
         self.in_shape = x.shape
@@ -136,6 +141,9 @@ def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
 
 # ---- GELU -----------------------------------------------------------------------------------
 class GELU(Function):
+    lowp = "activation"
+    saved_lowp = ("x",)
+
     def forward(self, x):
         xp = xp_of(x)
         self.x = _contig(xp, x)
@@ -192,6 +200,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 # ---- cross-entropy --------------------------------------------------------------------------
 class CrossEntropy(Function):
     """Mean over non-ignored rows of -log softmax(logits)[target], fused with the softmax."""
+    saved_lowp = ("logits",)
 
     def forward(self, logits, targets, ignore_index):  # (N, V), (N,) -> ()
         xp = xp_of(logits)
@@ -249,6 +258,8 @@ class HeadCrossEntropy(Function):
     temporary of the weight's size. The (V, C) dw kept from forward to backward replaces the
     (N, V) logits the unfused pair keeps (and their gradient): smaller whenever N > C."""
 
+    native_inputs = (1,)  # a 16-bit w (a bf16/fp16 run's working copy) goes to the kernel as it is
+
     def forward(self, x, w, targets, ignore_index, w_from=None):  # (..., C), (V, C), (N,) -> ()
         xp = xp_of(x)
         self.x_shape, self.w_from = x.shape, w_from
@@ -256,7 +267,12 @@ class HeadCrossEntropy(Function):
         count = max(int((targets != ignore_index).sum()), 1)
         grads = is_grad_enabled()
         want_dx, want_dw = grads and self.needs_grad[0], grads and self.needs_grad[1]
-        loss_rows, _, self.dx, self.dw = _k("head_ce", x2, w)(
+        head = _k("head_ce", x2)
+        if w.dtype != x2.dtype and not getattr(head, "takes_16bit_w", False):
+            from kernels._formats import to_f32  # noqa: PLC0415
+
+            w = to_f32(w)  # a variant that reads float32 only (reference, GPU): the weight decoded whole
+        loss_rows, _, self.dx, self.dw = head(
             x2, _contig(xp, w), targets, ignore_index, 1.0 / count, want_dx, want_dw, w_from or 0)
         # all rows ignored: loss 0, zero gradient (as F.cross_entropy)
         return xp.asarray(loss_rows.sum() / count, dtype=x.dtype)
@@ -327,6 +343,8 @@ def head_cross_entropy(x: Tensor, w: Tensor, targets, ignore_index: int = -100) 
 
 # ---- embedding ------------------------------------------------------------------------------
 class Embedding(Function):
+    lowp = "activation"
+
     def forward(self, weight, ids):  # (V, C), ids (...) -> (..., C)
         self.ids, self.V = ids, weight.shape[0]
         return _k("embedding_fwd", weight)(ids, weight)
@@ -353,6 +371,9 @@ def embedding(ids, weight: Tensor) -> Tensor:
 
 # ---- causal self-attention ------------------------------------------------------------------
 class CausalSelfAttention(Function):
+    lowp = "activation"
+    saved_lowp = ("q", "k", "v", "out")
+
     def forward(self, q, k, v):  # (B, NH, T, hs), (B, NKV, T, hs) x2 -> (B, NH, T, hs)
         xp = xp_of(q)
         q, k, v = (_contig(xp, a) for a in (q, k, v))
@@ -379,6 +400,8 @@ def causal_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 # ---- dropout --------------------------------------------------------------------------------
 class Dropout(Function):
+    lowp = "follow"
+
     def forward(self, x, mask):
         self.mask = mask
         return x * mask
@@ -397,7 +420,7 @@ def dropout(x: Tensor, p: float, training: bool, rng: np.random.Generator | None
         return x
     rng = rng if rng is not None else np.random.default_rng()
     keep = rng.random(x.shape) >= p
-    mask = (keep / (1.0 - p)).astype(x.dtype)
+    mask = (keep / (1.0 - p)).astype(x.compute_dtype)
     if is_gpu_array(x.data):
         mask = to_device(mask, "gpu")
     return Dropout.apply(x, mask=mask)
@@ -410,6 +433,8 @@ class AttentionQKV(Function):
     The same math as ``q, k, v = split(qkv); causal_self_attention(q, k, v)`` with transposes,
     without three gather-backwards each writing a full (B, T, 3C) array of zeros.
     """
+    lowp = "activation"
+    saved_lowp = ("q", "k", "v", "out")
 
     def forward(self, qkv, n_head):  # (B, T, 3C) -> (B, T, C)
         xp = xp_of(qkv)
@@ -497,6 +522,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cache=None, layer: int = 0
 
 # ---- Llama ops: RMSNorm, RoPE, SwiGLU ----
 class RMSNorm(Function):
+    lowp = "activation"
+    saved_lowp = ("x2", "w")
+
     def forward(self, x, w, eps):  # (..., C), (C,) -> (..., C)
         xp = xp_of(x)
         self.in_shape = x.shape
@@ -523,6 +551,8 @@ def rms_norm(x: Tensor, w: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 class RoPE(Function):
+    lowp = "activation"
+
     def forward(self, x, cos, sin, interleaved):  # (B, T, NH, hs), (T, hs/2) x2 -> (B, T, NH, hs)
         xp = xp_of(x)
         self.cos, self.sin, self.interleaved = cos, sin, interleaved
@@ -549,11 +579,14 @@ def rope(x: Tensor, cos, sin, interleaved: bool = False) -> Tensor:
         cos, sin = xp.asarray(cos), xp.asarray(sin)
     else:
         cos, sin = (np.asarray(to_device(c, "cpu") if is_gpu_array(c) else c) for c in (cos, sin))
-    cos, sin = (_contig(xp, c.astype(x.dtype, copy=False)) for c in (cos, sin))
+    cos, sin = (_contig(xp, c.astype(x.compute_dtype, copy=False)) for c in (cos, sin))
     return RoPE.apply(x, cos=cos, sin=sin, interleaved=bool(interleaved))
 
 
 class SwiGLU(Function):
+    lowp = "activation"
+    saved_lowp = ("a", "b")
+
     def forward(self, a, b):  # (...), (...) -> (...)
         xp = xp_of(a)
         self.a, self.b = _contig(xp, a), _contig(xp, b)

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from tinylm.backend import to_device
-from tinylm.tensor import no_grad
+from tinylm.tensor import autocast, no_grad
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -95,7 +95,7 @@ def nucleus(p: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
 
 def _last_logits(model, ids, cache, start):
     logits, _ = model(model._dev(ids), cache=cache, start=start)
-    return to_device(logits.data[:, -1], "cpu")
+    return to_device(logits.values()[:, -1], "cpu")
 
 
 def generate_iter(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -117,13 +117,16 @@ def generate_iter(model, idx, max_new_tokens: int, temperature: float = 1.0, top
         raise ValueError("generate: the prompt is empty; give at least one token (e.g. the end-of-text id)")
     was_training = model.training
     model.eval()
+    from tinylm.amp.formats import decoded_weights  # noqa: PLC0415 (amp imports the engine)
+
     try:
         bs = model.config.block_size
         rng = np.random.default_rng(seed)
         stop = set(int(t) for t in stop_tokens)
         done = np.zeros(idx.shape[0], dtype=bool)
         cache, seq = None, idx
-        with no_grad():
+        # float32 throughout: the KV cache is; a 16-bit working copy (a run's store) is decoded once
+        with no_grad(), autocast(None), decoded_weights(model):
             for _ in range(max_new_tokens):
                 if not use_cache:
                     logits = _last_logits(model, seq[:, -bs:], None, None)

@@ -108,8 +108,7 @@ class Module:
             a = np.asarray(to_device(state[name], "cpu"))
             if a.shape != p.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {a.shape} in the state, {p.shape} in the model")
-            xp = xp_of(p.data)
-            p.data[...] = xp.asarray(a, dtype=p.dtype)
+            p.assign(a)
 
 
 class Linear(Module):

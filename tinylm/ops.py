@@ -22,6 +22,8 @@ from tinylm.tensor import Function, Tensor
 
 
 class Add(Function):
+    lowp = "follow"
+
     def forward(self, a, b):
         return a + b
 
@@ -31,6 +33,8 @@ class Add(Function):
 
 
 class Sub(Function):
+    lowp = "follow"
+
     def forward(self, a, b):
         return a - b
 
@@ -40,6 +44,9 @@ class Sub(Function):
 
 
 class Mul(Function):
+    lowp = "follow"
+    saved_lowp = ("a", "b")
+
     def forward(self, a, b):
         self.a, self.b = a, b
         return a * b
@@ -52,6 +59,8 @@ class Mul(Function):
 
 
 class Div(Function):
+    saved_lowp = ("a", "b")
+
     def forward(self, a, b):
         self.a, self.b = a, b
         return a / b
@@ -64,6 +73,8 @@ class Div(Function):
 
 
 class Neg(Function):
+    lowp = "follow"
+
     def forward(self, a):
         return -a
 
@@ -73,6 +84,7 @@ class Neg(Function):
 
 class Pow(Function):
     """``a ** p`` for a constant real exponent p."""
+    saved_lowp = ("a",)
 
     def forward(self, a, p):
         self.a, self.p = a, p
@@ -111,6 +123,8 @@ class Exp(Function):
 
 
 class Log(Function):
+    saved_lowp = ("a",)
+
     def forward(self, a):
         self.a = a
         return xp_of(a).log(a)
@@ -146,6 +160,7 @@ class Sum(Function):
 class Max(Function):
     """Max over axes; the gradient goes to the maximal elements, split evenly between ties
     (the subgradient PyTorch's ``amax`` uses)."""
+    saved_lowp = ("a",)
 
     def forward(self, a, axis, keepdims):
         self.a, self.axis, self.keepdims = a, axis, keepdims
@@ -161,6 +176,8 @@ class Max(Function):
 
 
 class Reshape(Function):
+    lowp = "move"
+
     def forward(self, a, shape):
         self.in_shape = a.shape
         return a.reshape(shape)
@@ -170,6 +187,8 @@ class Reshape(Function):
 
 
 class Transpose(Function):
+    lowp = "move"
+
     def forward(self, a, axes):
         self.axes = axes
         return a.transpose(axes)
@@ -229,6 +248,7 @@ def _mm(a, b):
 
 class MatMul(Function):
     """``a @ b`` with NumPy's rules: batch dimensions broadcast; a 1-D operand is a vector."""
+    saved_lowp = ("a", "b")
 
     def forward(self, a, b):
         self.a, self.b = a, b

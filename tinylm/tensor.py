@@ -36,6 +36,7 @@ import numpy as np
 from tinylm.backend import is_gpu_array, to_device, xp_of
 
 _grad_enabled = True
+_autocast: str | None = None  # "bf16" / "fp16" inside ``autocast(fmt)``: activations kept in that format
 
 
 class _Accumulated:
@@ -62,6 +63,67 @@ def no_grad():
 
 def is_grad_enabled() -> bool:
     return _grad_enabled
+
+
+@contextlib.contextmanager
+def autocast(fmt: str | None):
+    """Inside ``with autocast("bf16"):`` (or ``"fp16"``) the activations are 16-bit Tensors.
+
+    How (the ``Function.lowp`` modes and ``Function.saved_lowp``):
+    - every op computes in float32: a 16-bit input is decoded to a float32 temporary first
+      (exact: every bf16/fp16 value is a float32), so every forward and backward is the fp32 code;
+    - an "activation" op (a layer: linear, norms, attention, gelu/swiglu, rope, embedding)
+      stores its output in the format (round to nearest even), so the Tensor that flows to the
+      next op, and that the next op keeps for its backward, is 2 bytes a value; elementwise
+      arithmetic (the residual add, dropout) follows its inputs: 16-bit in, 16-bit out, so a
+      loss or a log-prob difference computed from float32 values stays float32; ops that make
+      statistics, losses and log-probabilities ("fp32" ops: sum, exp, log, cross-entropy, the
+      fused head) keep a float32 output;
+    - the arrays a Function keeps for backward (listed in its ``saved_lowp``) are kept in the
+      format: the 16-bit input itself where the array is (a reshape of) an input's decoded
+      temporary, else rounded once; they are decoded again just before its backward runs;
+    - gradients stay float32 (a 16-bit Tensor's gradient is float32, like its master weight).
+
+    ``autocast(None)`` or ``autocast("fp32")`` turns it off (generation runs so: its KV cache
+    is float32). Nests; restores the previous setting on exit."""
+    global _autocast
+    if fmt not in (None, "fp32", "bf16", "fp16"):
+        raise ValueError(f"autocast: format must be fp32, bf16 or fp16, got {fmt!r}")
+    prev, _autocast = _autocast, (None if fmt in (None, "fp32") else fmt)
+    try:
+        yield
+    finally:
+        _autocast = prev
+
+
+def autocast_format() -> str | None:
+    """The activation format in effect ("bf16", "fp16"), or None (float32)."""
+    return _autocast
+
+
+def _decode(a, fmt: str):
+    from kernels._formats import to_f32  # noqa: PLC0415 (kernels imports nothing of tinylm)
+
+    return to_f32(a)  # the storage dtype says the format: uint16 bf16, float16 fp16
+
+
+def _encode(x, fmt: str):
+    from kernels._formats import from_f32  # noqa: PLC0415
+
+    return from_f32(x, fmt)
+
+
+def _same_memory(a, base) -> bool:
+    """``a`` is ``base`` or a whole-array contiguous reshape of it (a view of the same bytes)."""
+    if a is base:
+        return True
+    if a.size != base.size or a.dtype != base.dtype or not (a.flags.c_contiguous and base.flags.c_contiguous):
+        return False
+    return _address(a) == _address(base)
+
+
+def _address(a) -> int:
+    return a.data.ptr if is_gpu_array(a) else a.__array_interface__["data"][0]
 
 
 class _Node:
@@ -97,6 +159,18 @@ class Function:
     def backward(self, dout):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # How the op meets 16-bit Tensors (see ``autocast``): "fp32" (inputs decoded, output float32),
+    # "activation" (a layer: inputs decoded, output stored in the autocast format), "follow"
+    # (elementwise arithmetic: inputs decoded, output stored in the format of its 16-bit input,
+    # float32 when it has none, so a loss or a log-prob difference stays float32), "move" (pure
+    # data movement: a 16-bit input passes through as it is).
+    lowp = "fp32"
+    # names of the arrays forward keeps on self that are activations (kept in the format)
+    saved_lowp: tuple = ()
+    # positions of inputs handed to forward as stored (16-bit bits) because the op reads that
+    # format itself (the fused head decodes its weight block by block: kernels/head_ce.py)
+    native_inputs: tuple = ()
+
     def free(self) -> None:
         """Drop what forward saved: called once backward has run and the graph is not retained.
         An op whose saved arrays can serve the next step (kernels/head_ce.py's dw) hands them
@@ -130,13 +204,78 @@ class Function:
         ctx = cls()
         # which inputs need a gradient: backward may skip the others (return None for them)
         ctx.needs_grad = tuple(t.requires_grad for t in tensors)
-        out = ctx.forward(*(t.data for t in tensors), **settings)
         requires = _grad_enabled and any(ctx.needs_grad)
-        result = Tensor(out, requires_grad=requires, dtype=out.dtype)
+        fmts = tuple(t.fmt for t in tensors)
+        if _autocast is None and not any(fmts):  # the float32 path: nothing to convert
+            out = ctx.forward(*(t.data for t in tensors), **settings)
+            result = Tensor(out, requires_grad=requires, dtype=out.dtype)
+        else:
+            result = _apply_lowp(ctx, tensors, fmts, requires, settings)
         if requires:
             ctx.parents = tuple(t._graph_node() for t in tensors)
-            result._node = _Node(ctx, True, None, result.shape, result.dtype)
+            result._node = _Node(ctx, True, None, result.shape, result.compute_dtype)
         return result
+
+
+def _apply_lowp(ctx: Function, tensors, fmts, requires: bool, settings) -> "Tensor":
+    """Function.apply's forward when 16-bit Tensors or autocast are involved (see ``autocast``)."""
+    mode = type(ctx).lowp
+    datas = [t.data for t in tensors]
+    if mode == "move":
+        ins = datas
+    else:
+        native = type(ctx).native_inputs
+        ins = [d if f is None or i in native else _decode(d, f) for i, (d, f) in enumerate(zip(datas, fmts))]
+    out = ctx.forward(*ins, **settings)
+    fmt = next((f for f in fmts if f is not None), None) if mode == "move" else None
+    to = _autocast if mode == "activation" else next((f for f in fmts if f is not None), None) if mode == "follow" else None
+    out16 = None
+    if to is not None and getattr(out, "dtype", None) == np.float32:
+        out16, fmt = _encode(out, to), to
+    if requires and type(ctx).saved_lowp:
+        _pack_saved(ctx, datas, fmts, ins, out, out16, fmt)
+    if out16 is not None:
+        return Tensor(out16, requires_grad=requires, fmt=fmt)
+    return Tensor(out, requires_grad=requires, dtype=out.dtype, fmt=fmt)
+
+
+def _pack_saved(ctx: Function, datas, fmts, ins, out, out16, fmt) -> None:
+    """Keep the activations ``ctx`` saved (``saved_lowp``) in their 16-bit format: an input's
+    own 16-bit array where the saved array is (a reshape of) its decoded temporary, the stored
+    output where it is the output, else (an op whose output is stored in the format) rounded
+    to the format once. Arrays that are float32 inputs (weights kept by the model anyway) stay."""
+    packed = {}
+    for name in type(ctx).saved_lowp:
+        a = ctx.__dict__.get(name)
+        if a is None or getattr(a, "dtype", None) != np.float32:
+            continue
+        src = None
+        for d, f, x in zip(datas, fmts, ins):
+            if _same_memory(a, x):
+                src = (None, None) if f is None else (d if a is x else d.reshape(a.shape), f)
+                break
+        if src is None and out16 is not None and _same_memory(a, out):
+            src = (out16 if a is out else out16.reshape(a.shape), fmt)
+        if src is None and out16 is not None:  # an op whose output is stored in the format
+            src = (_encode(a, fmt), fmt)
+        if src is not None and src[0] is not None:
+            setattr(ctx, name, src[0])
+            packed[name] = src[1]
+    if packed:
+        ctx._lowp_saved = packed
+
+
+def _unpack_saved(ctx: Function):
+    """Before ``ctx.backward``: its 16-bit saved arrays decoded to float32 temporaries.
+    Returns the 16-bit ones, to put back when the graph is retained."""
+    packed = ctx.__dict__.get("_lowp_saved")
+    if not packed:
+        return None
+    kept = {}
+    for name, f in packed.items():
+        kept[name] = getattr(ctx, name)
+        setattr(ctx, name, _decode(kept[name], f))
+    return kept
 
 
 def _constant(value, ref: "Tensor | None") -> "Tensor":
@@ -144,7 +283,7 @@ def _constant(value, ref: "Tensor | None") -> "Tensor":
     Python numbers take the other operand's dtype, so ``x * 2`` stays float32."""
     if ref is not None and isinstance(value, numbers.Number) and not isinstance(value, bool):
         xp = xp_of(ref.data)
-        return Tensor(xp.asarray(value, dtype=ref.dtype))
+        return Tensor(xp.asarray(value, dtype=ref.compute_dtype))  # a 16-bit operand: a float32 number
     if ref is not None and is_gpu_array(ref.data) and not is_gpu_array(value):
         value = to_device(np.asarray(value), "gpu")
     return Tensor(value)
@@ -176,25 +315,35 @@ class Tensor:
 
     __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
 
-    def __init__(self, data, requires_grad: bool = False, dtype=None):
+    def __init__(self, data, requires_grad: bool = False, dtype=None, fmt: str | None = None):
         if isinstance(data, Tensor):
+            fmt = data.fmt if fmt is None else fmt
             data = data.data
+        if fmt is not None:  # a 16-bit Tensor: bf16 bits in uint16, or fp16 (see ``autocast``)
+            want = {"bf16": np.uint16, "fp16": np.float16}.get(fmt)
+            if want is None:
+                raise ValueError(f"Tensor: fmt must be 'bf16' or 'fp16', got {fmt!r}")
+            if np.dtype(data.dtype) != want:
+                raise TypeError(f"Tensor: a {fmt} Tensor holds {np.dtype(want).name} data, got {data.dtype}")
+            dtype = want
         if dtype is None:
             dtype = _default_dtype(data)
         if is_gpu_array(data):
             data = data.astype(dtype, copy=False)
         else:
             data = np.asarray(data, dtype=dtype)
-        if requires_grad and data.dtype.kind != "f":
+        if requires_grad and data.dtype.kind != "f" and fmt is None:
             raise TypeError(f"only floating-point tensors can require grad, got dtype {data.dtype}")
         self.data = data
+        self.fmt = fmt  # "bf16"/"fp16" for a 16-bit Tensor (its .data the stored bits); None otherwise
         self.requires_grad = bool(requires_grad)
         self.grad = None
         self._node: _Node | None = None  # set when an op produces it or consumes it
 
     def _graph_node(self) -> _Node:
         if self._node is None:  # a leaf (or a constant) entering the graph
-            self._node = _Node(None, self.requires_grad, self if self.requires_grad else None, self.shape, self.dtype)
+            self._node = _Node(None, self.requires_grad, self if self.requires_grad else None, self.shape,
+                               self.compute_dtype)
         return self._node
 
     @property
@@ -215,17 +364,42 @@ class Tensor:
     def __repr__(self):
         grad = ", requires_grad=True" if self.requires_grad else ""
         dev = ", device='gpu'" if self.device == "gpu" else ""
-        return f"Tensor({np.array2string(to_device(self.data, 'cpu'), precision=4)}, dtype={self.dtype}{dev}{grad})"
+        dt = self.dtype if self.fmt is None else self.fmt
+        return f"Tensor({np.array2string(self.numpy(), precision=4)}, dtype={dt}{dev}{grad})"
+
+    @property
+    def compute_dtype(self):
+        """The dtype its values compute in and its gradient has: its own, float32 for a 16-bit
+        Tensor (whose ``.dtype`` is the storage's: uint16 for bf16, float16)."""
+        return np.dtype(np.float32) if self.fmt is not None else self.data.dtype
+
+    def values(self):
+        """The data as values in ``compute_dtype``, on its device: a 16-bit Tensor's decoded
+        to float32 (a new array), any other Tensor's ``.data`` itself."""
+        return self.data if self.fmt is None else _decode(self.data, self.fmt)
+
+    def assign(self, values) -> None:
+        """Write ``values`` into ``.data`` in place, so a view (a parameter store's flat buffer)
+        sees them; a 16-bit Tensor stores them rounded to its format (nearest even)."""
+        xp = xp_of(self.data)
+        if self.fmt is None:
+            self.data[...] = xp.asarray(values, dtype=self.dtype)
+            return
+        from kernels._formats import round_to_format  # noqa: PLC0415
+
+        v = xp.array(values, dtype=np.float32)  # a copy: rounded in place, then stored
+        self.data[...] = _encode(round_to_format(v, self.fmt), self.fmt)
 
     def numpy(self) -> np.ndarray:
-        """The data as a NumPy array (copied from the GPU if needed)."""
-        return to_device(self.data, "cpu")
+        """The data as a NumPy array (copied from the GPU if needed); a 16-bit Tensor's values
+        as float32 (its ``.data`` holds the stored bits)."""
+        return to_device(self.values(), "cpu")
 
     def item(self) -> float:
         return self.numpy().item()
 
     def detach(self) -> "Tensor":
-        return Tensor(self.data)
+        return Tensor(self.data, fmt=self.fmt)
 
     def to(self, device: str) -> "Tensor":
         """A copy on "cpu" or "gpu" (CuPy); the result is a new leaf."""
@@ -256,9 +430,9 @@ class Tensor:
         if grad is None:
             if self.size != 1:
                 raise RuntimeError(f"backward() without a gradient needs a single-element tensor, got shape {self.shape}")
-            grad = xp.ones_like(self.data)
+            grad = xp.ones(self.shape, dtype=self.compute_dtype)
         else:
-            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.compute_dtype)
             if grad.shape != self.shape:
                 raise ValueError(f"backward(grad): grad has shape {grad.shape}, tensor has shape {self.shape}")
 
@@ -285,7 +459,10 @@ class Tensor:
                 else:
                     leaf.grad += g
                 continue
+            kept = _unpack_saved(ctx)  # 16-bit saved activations decoded for this backward
             in_grads = ctx.backward(g)
+            if kept and retain_graph:
+                ctx.__dict__.update(kept)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
             op = type(ctx).__name__
@@ -413,6 +590,28 @@ def _norm_axis(axis, ndim: int) -> tuple[int, ...]:
             raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
         out.append(a % max(ndim, 1))
     return tuple(sorted(set(out)))
+
+
+def saved_bytes(t: Tensor) -> dict[str, int]:
+    """What the graph behind ``t`` keeps for its backward, in bytes per dtype ("uint16" is bf16):
+    the arrays its Functions saved, each counted once, leaves' own data (the weights) left out.
+    A 16-bit run's activations show up here at half their float32 size (see ``autocast``)."""
+    if t._node is None or t._node.ctx is None:
+        return {}
+    order = _topological_order(t._node)
+    leaves = {_address(n.leaf().data) for n in order if n.ctx is None and n.leaf is not None and n.leaf() is not None}
+    seen: dict[int, tuple[str, int]] = {}
+    for n in order:
+        for v in (n.ctx.__dict__.values() if n.ctx is not None else ()):
+            if getattr(v, "dtype", None) is None or not hasattr(v, "nbytes") or getattr(v, "ndim", 0) == 0:
+                continue
+            a = _address(v)
+            if a not in leaves and v.nbytes > seen.get(a, ("", 0))[1]:
+                seen[a] = (v.dtype.name, int(v.nbytes))
+    out: dict[str, int] = {}
+    for name, nb in seen.values():
+        out[name] = out.get(name, 0) + nb
+    return out
 
 
 def _topological_order(root: _Node) -> list[_Node]:

@@ -17,6 +17,8 @@ tinylm uses.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from kernels._formats import (bf16_to_f32, f32_to_bf16, f32_to_bf16_sr, format_of, is_16bit,
@@ -59,10 +61,31 @@ def round_model(model, fmt: str):
     storage_dtype(fmt)
     if fmt != "fp32":
         for p in model.parameters():
+            if getattr(p, "fmt", None) is not None:  # stored in a 16-bit format already (a store's working copy)
+                if p.fmt != fmt:
+                    raise ValueError(f"round_model: {fmt} asked of a parameter stored in {p.fmt}")
+                continue
             if p.data.dtype != np.float32:
                 raise ValueError(f"round_model: {fmt} needs a float32 model, this one is {p.data.dtype}")
             round_to_format(p.data, fmt, out=p.data)
     return model
+
+
+@contextlib.contextmanager
+def decoded_weights(model):
+    """Inside: every parameter stored in a 16-bit format (a store's working copy) is a float32
+    array of the same values; after: the 16-bit views again. Generation runs so: its KV cache
+    and its one-token kernels (kernels/decode.py) are float32, and decoding the weights once
+    per call beats decoding them in every op of every token."""
+    params = model.parameters() if hasattr(model, "parameters") else ()  # any object with a forward generates
+    swapped = [(p, p.data, p.fmt) for p in params if getattr(p, "fmt", None) is not None]
+    for p, data, fmt in swapped:
+        p.data, p.fmt = to_f32(data), None
+    try:
+        yield model
+    finally:
+        for p, data, fmt in swapped:
+            p.data, p.fmt = data, fmt
 
 
 class in_format:
@@ -74,7 +97,7 @@ class in_format:
 
     def __enter__(self):
         if self.fmt != "fp32":
-            self.saved = [(p, p.data.copy()) for p in self.model.parameters()]
+            self.saved = [(p, p.data.copy()) for p in self.model.parameters() if getattr(p, "fmt", None) is None]
             round_model(self.model, self.fmt)
         return self.model
 

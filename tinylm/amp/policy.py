@@ -1,19 +1,22 @@
 """What is stored in which format, for a run's ``dtype`` and ``master_weights``.
 
-How a 16-bit tensor exists here (kernels/__init__.py states it for the kernels): as an array at
-the kernel boundary and as values in the parameter store. The engine's Tensors stay float32
-(NumPy has no bfloat16 arithmetic, and a uint16 array under ``+`` would add integers), so in a
-bf16 or fp16 run the Tensors hold values *of the format*: every weight the model computes with
-is exactly representable in bf16/fp16, every weight gradient is rounded to the format as 16-bit
-storage would round it (an fp16 gradient beyond 65504 is inf, one below 6e-8 is 0: what the
-loss scaler exists for), and the compute is float32, as the kernels compute 16-bit inputs.
+How a 16-bit tensor exists here: a Tensor with ``fmt="bf16"`` holds bf16 bits in a uint16 array
+(NumPy has no bfloat16), one with ``fmt="fp16"`` a float16 array. Every op computes in float32:
+the engine decodes a 16-bit input to a float32 temporary first (exact), and under
+``autocast(fmt)`` (tinylm/tensor.py) stores each layer's output in the format, and keeps what
+an op saves for its backward in the format too. So a bf16/fp16 run holds its activations, and
+its working copy of the weights, at 2 bytes a value; gradients stay float32.
 
     kind          fp32 run          bf16 / fp16 run, master_weights   bf16, no master (stochastic rounding)
-    weights       p: fp32           p: the working copy, fmt values    p: bf16 values (the only copy)
+    weights       p: fp32           p: the working copy, 16-bit        p: fp32 array of bf16 values (the
+                                    storage (the store's 16-bit        only copy: AdamW updates it in fp32
+                                    buffer, the Parameters' views)     and rounds it stochastically)
     master        -                 store.buffer("master"): fp32       -
     m, v          fp32              fp32                               fp32
-    gradients     g: fp32           g: rounded to fmt, then unscaled,  g: rounded to bf16, then reduced
-                                    reduced and clipped in fp32        and clipped in fp32
+    gradients     g: fp32           g: fp32, rounded to fmt (as        g: rounded to bf16, then reduced
+                                    16-bit storage would round them),  and clipped in fp32
+                                    unscaled, reduced, clipped in fp32
+    activations   fp32              16-bit (autocast)                  16-bit (autocast)
 
 After each step AdamW has updated the fp32 master and the store refreshes the working copy
 (round to nearest even), or, without a master, AdamW's fp32 result is rounded stochastically
@@ -21,11 +24,14 @@ back to bf16 (llm.c): an update smaller than half a bf16 step would otherwise ro
 time. Checkpoints hold the fp32 masters as the model's weights (and in the optimizer state), so
 ``tinylm sample`` and a resume read full precision.
 
-What the engine does not yet do: keep activations in 16-bit between ops (that needs 16-bit
-Tensors through tinylm/ops.py and tinylm/functional.py; the kernels already accept them), so
-the memory a 16-bit run saves here is not the activations'. ``bytes_per_param`` reports both the
-mixed-precision Adam accounting of the ZeRO paper (Rajbhandari et al. 2020, section 3.1: 2 + 2
-+ 4 + 4 + 4 = 16 bytes) and what this store holds.
+Bytes per parameter: the ZeRO paper's mixed-precision Adam accounting (Rajbhandari et al. 2020,
+section 3.1) is 2 + 2 + 4 + 4 + 4 = 16 (16-bit weights and gradients, fp32 master and
+moments); this store holds 2 + 4 + 4 + 4 + 4 = 18, its gradients being fp32 (they are
+accumulated by the GEMMs, unscaled and clipped in fp32, as the issue's design asks), and fp32
+training holds 4 + 4 + 4 + 4 = 16. What a 16-bit run saves here is therefore the activations'
+half, not parameter state: the saving grows with the batch. On several ranks the ZeroOptimizer
+keeps its own layout (tinylm/distributed/zero.py). ``bytes_per_param`` reports the paper's
+accounting, ``bytes_held`` what this store holds.
 """
 from __future__ import annotations
 
@@ -70,8 +76,8 @@ class Policy:
         return {"weights": w, "master": master, "moments": 8, "gradients": 2, "total": w + master + 8 + 2}
 
     def bytes_held(self, store) -> dict:
-        """Bytes per parameter by kind as ``store`` holds them in this engine (weights and
-        gradients as float32 arrays of the format's values)."""
+        """Bytes per parameter by kind as ``store`` holds them (a 16-bit working copy with
+        masters; float32 gradients)."""
         n = max(1, store.numel())
         nb = store.nbytes()
         out = {"weights": nb["params"] / n, "master": nb.get("master", 0) / n,

@@ -2,7 +2,8 @@
 
     setup:        Policy from cfg.dtype / cfg.master_weights; the store switched to the format
                   (fp32 masters + working copy, or bf16 alone); a LossScaler for fp16
-    each step:    backward of loss * S (fp16) -> gradients rounded to the format as 16-bit
+    each step:    the forward under ``autocast(dtype)`` (tinylm/tensor.py): the activations
+                  kept for backward are 16-bit Tensors; backward of loss * S (fp16) -> gradients rounded to the format as 16-bit
                   storage would hold them -> unscaled (x 1/S), checked, clipped in fp32, one pass
                   -> the scaler decides: apply the step, or skip it and halve S
     checkpoints:  the fp32 masters as the model's weights and in the optimizer state, and the
@@ -15,8 +16,11 @@ all-reduced, so every rank's scaler takes the same decision and the scalers stay
 """
 from __future__ import annotations
 
+import contextlib
+
 from tinylm.amp.policy import Policy
 from tinylm.amp.scaler import LossScaler
+from tinylm.tensor import autocast
 
 
 def setup(store, cfg, comm=None, opt=None):
@@ -38,6 +42,12 @@ def setup(store, cfg, comm=None, opt=None):
         scaler = LossScaler(init_scale=init, growth_interval=int(getattr(cfg, "loss_scale_window", 2000)),
                             min_scale=float(getattr(cfg, "loss_scale_min", 1.0)), max_scale=max(2.0 ** 24, init))
     return policy, scaler
+
+
+def activations(policy: Policy):
+    """The context a step's forward (and the validation) runs in: ``autocast`` to the run's
+    format, so the activations kept for backward are 16-bit; nothing for fp32."""
+    return autocast(policy.dtype) if policy.mixed else contextlib.nullcontext()
 
 
 def grads_ready(store, scaler, max_norm: float) -> tuple[float, bool]:

@@ -68,7 +68,7 @@ import numpy as np
 import kernels
 from tinylm.distributed.ddp import Bucket, backward_with_hooks, make_buckets
 from tinylm.distributed.shard import Layout
-from tinylm.tensor import Function, Tensor, is_grad_enabled, no_grad
+from tinylm.tensor import Function, Tensor, autocast, autocast_format, is_grad_enabled, no_grad
 
 
 def _round(x, fmt, out, seed=None):
@@ -711,15 +711,21 @@ class ZeroOptimizer:
 
 class _Layer(Function):
     """One ZeRO-3 layer, checkpointed: forward under no_grad between a gather and a release;
-    backward gathers, recomputes with autograd, backpropagates, releases, reduce-scatters."""
+    backward gathers, recomputes with autograd, backpropagates, releases, reduce-scatters.
+    [amp #13] Under autocast the layer's output is stored in the format (the block's own output
+    is), its input kept 16-bit, and the recompute runs under the same autocast as the forward."""
+
+    lowp = "activation"
+    saved_lowp = ("x",)
 
     def forward(self, x, run, opt, unit):  # (B, T, C) -> (B, T, C)
         self.x, self.run, self.opt, self.unit = x, run, opt, unit
         self.rng_state = None if opt.rng is None else opt.rng.bit_generator.state
+        self.fmt = autocast_format()
         opt._gather(unit)
         try:
             with no_grad():
-                out = run(Tensor(x)).data
+                out = run(Tensor(x)).values()
         finally:
             opt._release(unit)
         return out
@@ -734,7 +740,8 @@ class _Layer(Function):
         if self.rng_state is not None:  # the same dropout masks as the forward drew
             now = opt.rng.bit_generator.state
             opt.rng.bit_generator.state = self.rng_state
-        out = self.run(xt)
+        with autocast(self.fmt):
+            out = self.run(xt)
         if now is not None:
             opt.rng.bit_generator.state = now
         out.backward(dout)

@@ -109,7 +109,7 @@ def sequence_logprobs(model, seqs: list, score_from: list, batch_size: int = 8, 
                 for r, i in enumerate(rows):
                     x[r, :len(seqs[i]) - 1] = seqs[i][:-1]
                 logits, _ = model(x)
-                lg = to_device(logits.data, "cpu")  # (B, T, V)
+                lg = to_device(logits.values(), "cpu")  # (B, T, V) (float32 values of a 16-bit run's logits too)
                 for r, i in enumerate(rows):
                     s, f = seqs[i], score_from[i]
                     z = lg[r, f - 1:len(s) - 1].astype(np.float64)  # rows predicting tokens f..L-1

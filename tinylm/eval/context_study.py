@@ -179,7 +179,7 @@ def loss_by_position(model, tokens, keep, window: int, batch_size: int = 4) -> n
             x = np.stack([tokens[w * window:(w + 1) * window] for w in ws])
             y = np.stack([tokens[w * window + 1:(w + 1) * window + 1] for w in ws])
             k = np.stack([keep[w * window + 1:(w + 1) * window + 1] for w in ws])
-            logits = model(x)[0].data
+            logits = model(x)[0].values()
             for r in range(len(x)):
                 z = logits[r].astype(np.float64)
                 nll = logsumexp_rows(z) - z[np.arange(window), y[r]]

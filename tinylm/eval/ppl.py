@@ -93,7 +93,7 @@ def score_stream(model, tokens, window: int, stride: int, scored=None, batch_siz
                         if k == 0:
                             detail.append((b, e, first, 0.0, 0))
                             continue
-                        row = Tensor(logits.data[r])  # (T, V): the loss of one window, its mean x k
+                        row = Tensor(logits.values()[r])  # (T, V): the loss of one window, its mean x k
                         nll = float(to_device(F.cross_entropy(row, model._dev(y[r]), PAD).data, "cpu")) * k
                         total += nll
                         count += k

@@ -170,5 +170,11 @@ def task_context_study(args):
 
 
 def run_task(args):
-    return {"ppl": task_ppl, "mc": task_mc, "humaneval": task_humaneval, "syntax": task_syntax,
-            "exact": task_exact, "context-study": task_context_study}[args.task](args)
+    from tinylm.tensor import autocast  # noqa: PLC0415
+
+    fn = {"ppl": task_ppl, "mc": task_mc, "humaneval": task_humaneval, "syntax": task_syntax,
+          "exact": task_exact, "context-study": task_context_study}[args.task]
+    # [amp #13] --dtype bf16/fp16: the activations in the format too, as a 16-bit run trains
+    # (log-probs fp32; sampling computes in fp32 with the rounded weights: its KV cache is fp32)
+    with autocast(getattr(args, "dtype", "fp32") or "fp32"):
+        return fn(args)

@@ -126,8 +126,8 @@ class GPT(LanguageModel):
 
     def new_cache(self, batch: int) -> KVCache:
         c = self.config
-        w = self.wte.weight.data
-        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, w.dtype, self.xp)
+        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, self.wte.weight.compute_dtype,
+                       self.xp)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """GPT-2 practice: decay the matrices and the token embedding (tied with the head);

@@ -173,8 +173,8 @@ class Llama(LanguageModel):
 
     def new_cache(self, batch: int) -> KVCache:
         c = self.config
-        return KVCache(c.n_layer, batch, c.n_kv_head, c.block_size, c.n_embd // c.n_head, self._any_weight().dtype,
-                       self.xp)
+        return KVCache(c.n_layer, batch, c.n_kv_head, c.block_size, c.n_embd // c.n_head,
+                       self.embed_tokens.weight.compute_dtype, self.xp)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Decay the matrices (projections, embedding, head); not the RMSNorm weights."""

@@ -17,10 +17,13 @@ Writing the ranges once, here, is what lets every later user (mixed precision, s
 on which element is which.
 
 Mixed precision (``set_format("bf16" | "fp16", master=True)``, tinylm/amp/policy.py): the fp32
-master weights are the named buffer "master"; ``p`` then holds the working copy, the masters
-rounded to the format (kept as float32 values, since the engine computes in float32), and
-``refresh()`` re-rounds it after each update. Without a master (bf16 only), ``p`` is the only
-copy and the optimizer's fp32 result is rounded back to bf16 stochastically (``after_update``).
+buffer becomes the master weights, the named buffer "master"; ``p`` is then a new 16-bit buffer
+(uint16 bf16 bits, or float16: 2 bytes a weight) holding the working copy, the masters rounded
+to the format, of which the Parameters are views tagged with ``fmt`` (the engine decodes them
+where an op computes, tinylm/tensor.py ``autocast``), and ``refresh()`` re-rounds it after each
+update. The gradients stay an fp32 buffer (they are reduced, unscaled and clipped in fp32).
+Without a master (bf16 only), ``p`` stays float32 holding bf16 values, the only copy, and the
+optimizer's fp32 result is rounded back to bf16 stochastically (``after_update``).
 
 Leaves out: parameters on different devices in one group; groups of mixed dtypes.
 """
@@ -119,7 +122,8 @@ class ParamStore:
         for g in self.groups:
             if name not in g.buffers:
                 xp = xp_of(g.p)
-                g.buffers[name] = xp.zeros(g.size, dtype=g.p.dtype if dtype is None else dtype)
+                value_dtype = g.buffers["master"].dtype if "master" in g.buffers else g.p.dtype  # not a 16-bit copy's
+                g.buffers[name] = xp.zeros(g.size, dtype=value_dtype if dtype is None else dtype)
             out.append(g.buffers[name])
         return out
 
@@ -132,25 +136,41 @@ class ParamStore:
         stochastic rounding from a stream seeded by ``seed`` and the step."""
         if fmt not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"unknown format {fmt!r}: expected fp32, bf16 or fp16")
+        if self.format != "fp32":
+            raise RuntimeError(f"set_format: the store is in {self.format} already")
         if fmt != "fp32" and any(g.p.dtype != np.float32 for g in self.groups):
             raise TypeError("mixed precision needs float32 parameters")
         if not master and fmt != "bf16":
             raise ValueError("weights without a master copy are for bf16 only (stochastic rounding)")
         self.format, self.master, self.sr_seed = fmt, bool(master and fmt != "fp32"), int(seed)
         if self.master:
-            for g, mb in zip(self.groups, self.buffer("master", np.float32)):
-                mb[...] = g.p
+            from kernels._formats import from_f32  # noqa: PLC0415
+
+            for g in self.groups:
+                # the fp32 buffer becomes the masters; the working copy is a new 16-bit buffer
+                # (2 bytes a weight) of which the parameters' .data are views, tagged with fmt
+                g.buffers["master"] = g.p
+                g.p = from_f32(g.p, fmt)
+                self._point_params(g, g.p, fmt)
         self.refresh()
+
+    def _point_params(self, g, flat, fmt) -> None:
+        for p, off in zip(g.params, g.offsets):
+            p.data = flat[off:off + p.size].reshape(p.shape)
+            p.fmt = fmt
 
     def refresh(self) -> None:
         """The working copy ``p`` from the masters (round to nearest even); without masters,
         ``p`` rounded to the format in place (a no-op on values already in it)."""
         if self.format == "fp32":
             return
-        from kernels._formats import round_to_format  # noqa: PLC0415
+        from kernels._formats import f32_to_bf16, f32_to_fp16, round_to_format  # noqa: PLC0415
 
         for g in self.groups:
-            round_to_format(g.buffers["master"] if self.master else g.p, self.format, out=g.p)
+            if not self.master:
+                round_to_format(g.p, self.format, out=g.p)
+            else:  # round to nearest even (fp16: overflow -> inf), into the 16-bit buffer
+                (f32_to_bf16 if self.format == "bf16" else f32_to_fp16)(g.buffers["master"], out=g.p)
 
     def update_targets(self) -> list:
         """The fp32 arrays an optimizer updates, per group: the masters, or ``p``."""
@@ -198,17 +218,18 @@ class ParamStore:
 
     @contextlib.contextmanager
     def masters_in_params(self):
-        """Inside: ``p`` holds the fp32 masters (for writing a checkpoint); after: the working
-        copy again (the same bits: refresh is deterministic)."""
+        """Inside: the parameters are the fp32 masters (for writing a checkpoint); after: the
+        16-bit working copy again (the same buffer, untouched)."""
         if not self.master:
             yield
             return
         for g in self.groups:
-            g.p[...] = g.buffers["master"]
+            self._point_params(g, g.buffers["master"], None)
         try:
             yield
         finally:
-            self.refresh()
+            for g in self.groups:
+                self._point_params(g, g.p, self.format)
 
     # ---- gradients ------------------------------------------------------------------------
     def zero_grad(self) -> None:

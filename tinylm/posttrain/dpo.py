@@ -35,6 +35,8 @@ from tinylm.train.objectives import Objective
 
 
 class Softplus(Function):
+    saved_lowp = ("x",)
+
     def forward(self, x):  # softplus(x) = log(1 + exp(x)), stable for any x
         xp = xp_of(x)
         self.x = x

@@ -53,6 +53,8 @@ def token_logprobs_ref(logits, targets, ignore_index: int = IGNORE) -> np.ndarra
 
 
 class TokenLogProbs(Function):
+    saved_lowp = ("z",)
+
     def forward(self, logits, targets, ignore_index):  # (N, V), (N,) -> (N,) float64
         xp = xp_of(logits)
         self.in_dtype = logits.dtype
@@ -104,6 +106,7 @@ def _per_sequence(token_lp: Tensor, t: np.ndarray, ignore_index: int, average: b
 class HeadTokenLogProbs(Function):
     """(B, T, C) hidden states, (V, C) head -> (B, T) float64 log p(target), 0 where ignored;
     see the module docstring."""
+    saved_lowp = ("x2", "w")
 
     def forward(self, x, w, targets, ignore_index, w_from=None):  # targets (B, T) int64
         xp = xp_of(x)

@@ -109,6 +109,8 @@ class LoRALinearOp(Function):
     weight-gradient product. B = 0 gives W' = W exactly, so a fresh adapter is bit-for-bit the
     base layer.
     """
+    lowp = "activation"
+    saved_lowp = ("x2", "w", "a", "b")
 
     def forward(self, x, w, a, b, bias=None, scale=1.0, wt=False):
         xp = xp_of(x)
@@ -218,17 +220,17 @@ class LoRALinear(Module):
 
     def delta(self) -> np.ndarray:
         """s A B in the weight's layout."""
-        d = self.scale * (self.lora_A.data @ self.lora_B.data)  # (C_in, C_out)
+        d = self.scale * (self.lora_A.values() @ self.lora_B.values())  # (C_in, C_out)
         return d if self.layout == "in_out" else d.T
 
     def merge(self) -> None:
         if not self.merged:
-            self.weight.data += self.delta().astype(self.weight.dtype)
+            self.weight.assign(self.weight.values() + self.delta())
             self.merged = True
 
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.data -= self.delta().astype(self.weight.dtype)
+            self.weight.assign(self.weight.values() - self.delta())
             self.merged = False
 
 
@@ -453,12 +455,12 @@ class LoRAModel(Module):
                 g = self.grown[key[len(ADDED_ROWS):]][1]
                 if a.shape != g.shape:
                     raise ValueError(f"adapter state: {key} has shape {a.shape}, the model {g.shape}")
-                g.data[...] = a
+                g.assign(a)
             elif key in params:
                 p = params[key]
                 if a.shape != p.shape:
                     raise ValueError(f"adapter state: {key} has shape {a.shape}, the model {p.shape}")
-                p.data[...] = a
+                p.assign(a)
 
     def merge(self) -> None:
         for m in _lora_layers(self.model):

@@ -347,7 +347,10 @@ def dpo_setup(cfg, policy, tok, chat, out: Path):
         except Exception:  # noqa: BLE001 - a bad cache is recomputed
             ref = None
     if ref is None:
-        with reference(cfg, policy) as m:
+        from tinylm.tensor import autocast  # noqa: PLC0415
+
+        # [amp #13] the reference runs as the policy will: activations in the run's format
+        with reference(cfg, policy) as m, autocast(cfg.dtype):
             ref = reference_logprobs(m, pairs, pad, average=cfg.average_logprobs)
         save_file({"ref": ref, "key": np.frombuffer(key.encode(), dtype=np.uint8).copy()}, str(cache))
         print(f"reference log-probs computed for {len(pairs)} pairs (cached in {cache})", flush=True)
@@ -365,7 +368,7 @@ def _fingerprint(pairs, cfg) -> str:
     import hashlib  # noqa: PLC0415
 
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.init, cfg.average_logprobs, cfg.dtype, cfg.lora_rank]).encode())
+    h.update(json.dumps([cfg.init, cfg.average_logprobs, cfg.dtype, cfg.lora_rank, "16-bit activations"]).encode())
     for p in pairs:
         h.update(json.dumps([p["chosen"][0], p["chosen"][1], p["rejected"][0], p["rejected"][1]]).encode())
     return h.hexdigest()

@@ -254,7 +254,7 @@ class Engine:
 
     def _logits(self, ids: np.ndarray, cache, start) -> np.ndarray:
         logits, _ = self.model(self.model._dev(ids), cache=cache, start=start)
-        return to_device(logits.data[:, -1], "cpu")  # (B, V)
+        return to_device(logits.values()[:, -1], "cpu")  # (B, V)
 
     def _prefill(self, r: int) -> None:
         s = self.slots[r]

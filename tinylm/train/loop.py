@@ -188,7 +188,8 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _micro_step(self, scale: float, last: bool = True):
-        loss, metrics = self.objective.loss(self.model, self.data.next())
+        with amp_train.activations(self.policy):  # [amp #13] a 16-bit run's activations in its format
+            loss, metrics = self.objective.loss(self.model, self.data.next())
         if loss is None:
             self.skipped += 1
             if self.comm is not None:  # [distributed #14] this rank still joins the collectives
@@ -327,7 +328,8 @@ class Trainer:
             return "?"
 
     def _validate(self, log, losses, bar):
-        v = float(self.evaluate(self.model))
+        with amp_train.activations(self.policy):  # [amp #13] the model as it trains: activations in its format
+            v = float(self.evaluate(self.model))
         if not math.isfinite(v):
             raise FloatingPointError(f"validation loss became {v} at step {self.step}; the last good checkpoint "
                                      f"({self.ckpt_link}) is kept")

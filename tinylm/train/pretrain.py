@@ -178,7 +178,7 @@ def _amp_note(cfg) -> str:
     if dtype == "fp32":
         return ""
     how = "fp32 master weights" if cfg.master_weights else "no master copy, stochastic rounding"
-    return f"; {dtype} weights and gradients, {how}" + (", dynamic loss scale" if dtype == "fp16" else "")
+    return f"; {dtype} weights, activations and gradients, {how}" + (", dynamic loss scale" if dtype == "fp16" else "")
 
 
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, overwrite: bool = False,
