@@ -40,8 +40,10 @@ Checkpoints hold the consolidated state (``state_dict()`` gathers it to rank 0) 
 single-process format, so a run resumes at any number of ranks and any stage.
 
 Mixed precision (``set_format``, tinylm/amp/policy.py; the training loop calls it for dtype
-bf16/fp16). As in one process, the parameters are float32 arrays holding values of the format
-(the working copy) and the fp32 masters are a separate buffer, here sharded like the moments:
+bf16/fp16). The parameters are float32 arrays holding values of the format (the working copy;
+one process's store keeps it as 16-bit storage, tinylm/optim/store.py, and the activations are
+16-bit here as there: the training loop's autocast) and the fp32 masters are a separate
+buffer, here sharded like the moments:
 each rank keeps the masters of its own range only (none whole anywhere, so stages 1-3 keep
 their 4 + 12/N, 2 + 14/N, 16/N), updates them, rounds them into its range of the working copy,
 and the all-gather spreads that. Gradients are reduced in fp32 and rounded to the format after
