@@ -199,17 +199,33 @@ def _f32_to_fp16_cpu(u32, xf, out16):  # (n,) float32 bits and values -> (n,) fp
         out16[i] = np.uint16(sign | r)
 
 
+@njit(cache=True, inline="always")
+def _fp16_value(h):  # fp16 bits (uint16) -> the float32 value (exact)
+    # the magnitude's bits shifted into a float32's place are that value times 2^-112, for
+    # normals and subnormals alike: one exact multiplication by 2^112 (never compile this with
+    # fastmath: subnormal float32 inputs must not be flushed), then inf/NaN and the sign
+    u = np.uint32(h)
+    v = np.uint32((u & np.uint32(0x7FFF)) << np.uint32(13)).view(np.float32) * np.float32(2.0 ** 112)
+    if (u & np.uint32(0x7C00)) == np.uint32(0x7C00):
+        v = np.float32(np.inf) if (u & np.uint32(0x3FF)) == np.uint32(0) else np.float32(np.nan)
+    return -v if (u & np.uint32(0x8000)) else v
+
+
 @njit(cache=True, parallel=True)
 def _fp16_to_f32_cpu(h16, out):  # (n,) fp16 bits -> (n,) float32 (exact)
-    # the magnitude's bits shifted into a float32's place are that value times 2^-112, for
-    # normals and subnormals alike: one exact multiplication by 2^112 (no fastmath here:
-    # subnormal float32 inputs must not be flushed), then inf/NaN and the sign
     for i in prange(h16.size):
-        h = np.uint32(h16[i])
-        v = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13)).view(np.float32) * np.float32(2.0 ** 112)
-        if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
-            v = np.float32(np.inf) if (h & np.uint32(0x3FF)) == np.uint32(0) else np.float32(np.nan)
-        out[i] = -v if (h & np.uint32(0x8000)) else v
+        out[i] = _fp16_value(h16[i])
+
+
+@njit(cache=True)
+def decode_rows(src, fmt_code, dst):  # (r, C) bf16 (fmt_code 1) or fp16 (2) bits -> dst (r, C) float32
+    """One thread's decode of a block (kernels/head_ce.py decodes the head's weight block by
+    block inside its own parallel loop). Not inlined: it keeps these flags, without fastmath,
+    whatever the caller's."""
+    for r in range(src.shape[0]):
+        for c in range(src.shape[1]):
+            dst[r, c] = (np.uint32(np.uint32(src[r, c]) << np.uint32(16)).view(np.float32) if fmt_code == 1
+                         else _fp16_value(src[r, c]))
 
 
 def f32_to_fp16(x, out=None):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels._common import is_cupy
-from kernels._formats import BF16, FP16, bf16_to_f32, f32_to_bf16
+from kernels._formats import BF16, FP16, f32_to_bf16, f32_to_fp16, to_f32
 
 # The per-format tolerance of every op (kernels/_gpucheck.py check_16bit; tests/test_amp_kernels.py):
 # max |got - want| / (1 + |want|) against the fp32 reference on the same decoded inputs. The
@@ -57,18 +57,8 @@ def has_16bit(arrays) -> bool:
     return False
 
 
-def _to32(a):
-    return bf16_to_f32(a) if a.dtype == BF16 else a.astype(np.float32)
-
-
-def _store(x32, fmt_dtype, out=None):
-    if fmt_dtype == BF16:
-        return f32_to_bf16(x32, out=out)
-    with np.errstate(over="ignore"):
-        if out is None:
-            return x32.astype(np.float16)
-        out[...] = x32  # NumPy's cast: round to nearest even, overflow -> inf
-        return out
+def _store(x32, fmt_dtype, out=None):  # round to nearest even (fp16: overflow -> inf)
+    return (f32_to_bf16 if fmt_dtype == BF16 else f32_to_fp16)(x32, out=out)
 
 
 def accept_16bit(op: str, fn):
@@ -86,7 +76,7 @@ def accept_16bit(op: str, fn):
         fmt = fmts.pop()
         if op == "matmul" and fmt == FP16 and all(is_cupy(a) for a in args):
             return fn(*args)  # cuBLAS half GEMM, fp32 accumulation
-        conv = [(_to32(a) if i not in ints and has_16bit((a,)) else a) for i, a in enumerate(args)]
+        conv = [(to_f32(a) if i not in ints and has_16bit((a,)) else a) for i, a in enumerate(args)]
         res = fn(*conv)
         for i in inplace:
             if has_16bit((args[i],)):

@@ -105,6 +105,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from kernels._common import FASTMATH, array_module, main_check
+from kernels._formats import decode_rows
 from kernels._mathfn import fexp
 from kernels.registry import register
 
@@ -164,30 +165,12 @@ def head_ce_ref(x, w, targets, ignore_index, scale, want_dx, want_dw, dw_from=0)
 # dxp (nthreads, ROWS, C) the per-thread dx partials.
 
 @njit(cache=True, inline="always")
-def _w_value(h, kind):  # one stored weight -> float32: kind 1 bf16 bits, 2 fp16 bits
-    if kind == 1:
-        return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
-    u = np.uint32(h)
-    e = (u >> np.uint32(10)) & np.uint32(0x1F)
-    m = u & np.uint32(0x3FF)
-    if e == np.uint32(0):  # zero or subnormal: m * 2^-24
-        v = np.float32(m) * np.float32(5.9604644775390625e-08)
-        return -v if u & np.uint32(0x8000) else v
-    sign = (u & np.uint32(0x8000)) << np.uint32(16)
-    if e == np.uint32(0x1F):
-        return np.uint32(sign | np.uint32(0x7F800000) | (m << np.uint32(13))).view(np.float32)
-    return np.uint32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13))).view(np.float32)
-
-
-@njit(cache=True, inline="always")
 def _w_block(w, w16, kind, ws, th, v0, v1, C, isz):
     """The address of w's rows v0:v1 as float32 for a GEMM: w itself, or (a 16-bit w: a run's
     working copy) those rows decoded into this thread's scratch ws[th] (vb, C)."""
     if kind == 0:
         return w.ctypes.data + v0 * C * isz
-    for r in range(v1 - v0):
-        for c in range(C):
-            ws[th, r, c] = _w_value(w16[v0 + r, c], kind)
+    decode_rows(w16[v0:v1], kind, ws[th, :v1 - v0])
     return ws.ctypes.data + th * ws.shape[1] * C * isz
 
 

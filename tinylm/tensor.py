@@ -101,7 +101,7 @@ def autocast_format() -> str | None:
     return _autocast
 
 
-def _decode(a, fmt: str):
+def _decode(a):
     from kernels._formats import to_f32  # noqa: PLC0415 (kernels imports nothing of tinylm)
 
     return to_f32(a)  # the storage dtype says the format: uint16 bf16, float16 fp16
@@ -225,10 +225,11 @@ def _apply_lowp(ctx: Function, tensors, fmts, requires: bool, settings) -> "Tens
         ins = datas
     else:
         native = type(ctx).native_inputs
-        ins = [d if f is None or i in native else _decode(d, f) for i, (d, f) in enumerate(zip(datas, fmts))]
+        ins = [d if f is None or i in native else _decode(d) for i, (d, f) in enumerate(zip(datas, fmts))]
     out = ctx.forward(*ins, **settings)
-    fmt = next((f for f in fmts if f is not None), None) if mode == "move" else None
-    to = _autocast if mode == "activation" else next((f for f in fmts if f is not None), None) if mode == "follow" else None
+    first = next((f for f in fmts if f is not None), None)  # the format of a 16-bit input
+    to = {"activation": _autocast, "follow": first}.get(mode)  # the format the output is stored in
+    fmt = first if mode == "move" else None  # moved 16-bit data keeps its format
     out16 = None
     if to is not None and getattr(out, "dtype", None) == np.float32:
         out16, fmt = _encode(out, to), to
@@ -240,42 +241,43 @@ def _apply_lowp(ctx: Function, tensors, fmts, requires: bool, settings) -> "Tens
 
 
 def _pack_saved(ctx: Function, datas, fmts, ins, out, out16, fmt) -> None:
-    """Keep the activations ``ctx`` saved (``saved_lowp``) in their 16-bit format: an input's
-    own 16-bit array where the saved array is (a reshape of) its decoded temporary, the stored
-    output where it is the output, else (an op whose output is stored in the format) rounded
-    to the format once. Arrays that are float32 inputs (weights kept by the model anyway) stay."""
-    packed = {}
+    """Keep the activations ``ctx`` saved (``saved_lowp``) in their 16-bit format (see
+    ``_kept_16bit``); ``ctx._lowp_saved`` names them, for ``_unpack_saved``."""
+    packed = []
     for name in type(ctx).saved_lowp:
         a = ctx.__dict__.get(name)
         if a is None or getattr(a, "dtype", None) != np.float32:
             continue
-        src = None
-        for d, f, x in zip(datas, fmts, ins):
-            if _same_memory(a, x):
-                src = (None, None) if f is None else (d if a is x else d.reshape(a.shape), f)
-                break
-        if src is None and out16 is not None and _same_memory(a, out):
-            src = (out16 if a is out else out16.reshape(a.shape), fmt)
-        if src is None and out16 is not None:  # an op whose output is stored in the format
-            src = (_encode(a, fmt), fmt)
-        if src is not None and src[0] is not None:
-            setattr(ctx, name, src[0])
-            packed[name] = src[1]
+        kept = _kept_16bit(a, datas, fmts, ins, out, out16, fmt)
+        if kept is not None:
+            setattr(ctx, name, kept)
+            packed.append(name)
     if packed:
-        ctx._lowp_saved = packed
+        ctx._lowp_saved = tuple(packed)
+
+
+def _kept_16bit(a, datas, fmts, ins, out, out16, fmt):
+    """The 16-bit array to keep in place of the saved float32 ``a``, or None to keep ``a``: the
+    input's own 16-bit array where ``a`` is (a reshape of) its decoded temporary; nothing where
+    ``a`` is a float32 input (a weight the model keeps anyway); the stored output where ``a`` is
+    the output; else, for an op whose output is stored in the format, ``a`` rounded once."""
+    for d, f, x in zip(datas, fmts, ins):
+        if _same_memory(a, x):
+            return None if f is None else d.reshape(a.shape)
+    if out16 is None:
+        return None
+    if _same_memory(a, out):
+        return out16.reshape(a.shape)
+    return _encode(a, fmt)
 
 
 def _unpack_saved(ctx: Function):
     """Before ``ctx.backward``: its 16-bit saved arrays decoded to float32 temporaries.
     Returns the 16-bit ones, to put back when the graph is retained."""
-    packed = ctx.__dict__.get("_lowp_saved")
-    if not packed:
-        return None
-    kept = {}
-    for name, f in packed.items():
-        kept[name] = getattr(ctx, name)
-        setattr(ctx, name, _decode(kept[name], f))
-    return kept
+    kept = {name: getattr(ctx, name) for name in ctx.__dict__.get("_lowp_saved", ())}
+    for name, a in kept.items():
+        setattr(ctx, name, _decode(a))
+    return kept or None
 
 
 def _constant(value, ref: "Tensor | None") -> "Tensor":
@@ -376,7 +378,7 @@ class Tensor:
     def values(self):
         """The data as values in ``compute_dtype``, on its device: a 16-bit Tensor's decoded
         to float32 (a new array), any other Tensor's ``.data`` itself."""
-        return self.data if self.fmt is None else _decode(self.data, self.fmt)
+        return self.data if self.fmt is None else _decode(self.data)
 
     def assign(self, values) -> None:
         """Write ``values`` into ``.data`` in place, so a view (a parameter store's flat buffer)

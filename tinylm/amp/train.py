@@ -3,9 +3,10 @@
     setup:        Policy from cfg.dtype / cfg.master_weights; the store switched to the format
                   (fp32 masters + working copy, or bf16 alone); a LossScaler for fp16
     each step:    the forward under ``autocast(dtype)`` (tinylm/tensor.py): the activations
-                  kept for backward are 16-bit Tensors; backward of loss * S (fp16) -> gradients rounded to the format as 16-bit
-                  storage would hold them -> unscaled (x 1/S), checked, clipped in fp32, one pass
-                  -> the scaler decides: apply the step, or skip it and halve S
+                  kept for backward are 16-bit Tensors; backward of loss * S (fp16) ->
+                  gradients rounded to the format as 16-bit storage would hold them ->
+                  unscaled (x 1/S), checked, clipped in fp32, one pass -> the scaler decides:
+                  apply the step, or skip it and halve S
     checkpoints:  the fp32 masters as the model's weights and in the optimizer state, and the
                   scaler's state in state.json (key "amp"), so a resume is exact
 

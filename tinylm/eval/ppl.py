@@ -87,13 +87,13 @@ def score_stream(model, tokens, window: int, stride: int, scored=None, batch_siz
                     for r, (b, e, first) in enumerate(batch):
                         y[r, :first - b - 1] = PAD                      # context: scored earlier
                         y[r, ~keep[b + 1:e + 1]] = PAD                  # separators
-                    logits, _ = model(x)
+                    logits = model(x)[0].values()  # float32 (a 16-bit run's logits decoded once)
                     for r, (b, e, first) in enumerate(batch):
                         k = int((y[r] != PAD).sum())
                         if k == 0:
                             detail.append((b, e, first, 0.0, 0))
                             continue
-                        row = Tensor(logits.values()[r])  # (T, V): the loss of one window, its mean x k
+                        row = Tensor(logits[r])  # (T, V): the loss of one window, its mean x k
                         nll = float(to_device(F.cross_entropy(row, model._dev(y[r]), PAD).data, "cpu")) * k
                         total += nll
                         count += k

@@ -368,7 +368,10 @@ def _fingerprint(pairs, cfg) -> str:
     import hashlib  # noqa: PLC0415
 
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.init, cfg.average_logprobs, cfg.dtype, cfg.lora_rank, "16-bit activations"]).encode())
+    key = [cfg.init, cfg.average_logprobs, cfg.dtype, cfg.lora_rank]
+    if cfg.dtype != "fp32":  # [amp #13] computed with 16-bit activations since: older 16-bit caches are stale
+        key.append("16-bit activations")
+    h.update(json.dumps(key).encode())
     for p in pairs:
         h.update(json.dumps([p["chosen"][0], p["chosen"][1], p["rejected"][0], p["rejected"][1]]).encode())
     return h.hexdigest()
